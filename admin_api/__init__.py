@@ -1,0 +1,1 @@
+"""The control plane: the token lifecycle over HTTP, on its own port."""

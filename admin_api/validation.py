@@ -1,0 +1,130 @@
+"""Reading admin input: every problem is a 400 naming the field, found before anything is written."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Mapping
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from gateway.problems import bad_request
+from gateway.ranges import MAX_RANGES, RangeError, normalize_ranges
+from gateway.tokens import TokenStatus, parse_rfc3339, utc_now
+
+NAME_MAX_LENGTH = 100
+MAX_GRACE_SECONDS = 7 * 24 * 3600
+MAX_PAGE_SIZE = 500
+
+
+async def read_json_object(request: web.Request, allowed: Collection[str]) -> dict[str, Any]:
+    """The request body as a JSON object with only `allowed` keys; an empty body is `{}`."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise bad_request(None, f"The body is not valid JSON: {error}.", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request(None, "The body must be a JSON object.", "invalid_json")
+    for key in body:
+        if key not in allowed:
+            raise bad_request(key, f"Unknown field '{key}'. Allowed: {', '.join(sorted(allowed))}.", "unknown_field")
+    return body
+
+
+def parse_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise bad_request("name", "name must be a string.", "invalid_name")
+    name = value.strip()
+    if not 1 <= len(name) <= NAME_MAX_LENGTH:
+        raise bad_request("name", f"name must be 1 to {NAME_MAX_LENGTH} characters.", "invalid_name")
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        raise bad_request("name", "name must not contain control characters.", "invalid_name")
+    return name
+
+
+def parse_access_level(value: Any, levels: Collection[str]) -> str:
+    if not isinstance(value, str) or value not in levels:
+        raise bad_request(
+            "access_level",
+            f"Unknown access level {value!r}. Configured levels: {', '.join(levels)}.",
+            "unknown_access_level",
+        )
+    return value
+
+
+def parse_ip_ranges(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise bad_request("allowed_ip_ranges", "allowed_ip_ranges must be a list of strings.", "invalid_ip_range")
+    if len(value) > MAX_RANGES:
+        raise bad_request(
+            "allowed_ip_ranges", f"At most {MAX_RANGES} IP ranges are allowed per token.", "too_many_ip_ranges"
+        )
+    try:
+        return normalize_ranges(value)
+    except RangeError as error:
+        raise bad_request("allowed_ip_ranges", f"{error}.", "invalid_ip_range") from None
+
+
+def parse_expires_at(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, str):
+            raise ValueError("must be an RFC 3339 timestamp string")
+        moment = parse_rfc3339(value)
+    except ValueError as error:
+        raise bad_request("expires_at", f"expires_at {error}.", "invalid_expires_at") from None
+    if moment <= utc_now():
+        raise bad_request("expires_at", "expires_at must be in the future.", "invalid_expires_at")
+    return moment
+
+
+def parse_grace_seconds(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_GRACE_SECONDS:
+        raise bad_request(
+            "grace_seconds", f"grace_seconds must be an integer from 0 to {MAX_GRACE_SECONDS}.", "invalid_grace_seconds"
+        )
+    return value
+
+
+def query_parameters(request: web.Request, allowed: Collection[str]) -> Mapping[str, str]:
+    for key in request.query:
+        if key not in allowed:
+            raise bad_request(key, f"Unknown query parameter '{key}'.", "unknown_parameter")
+        if len(request.query.getall(key)) > 1:
+            raise bad_request(key, f"Query parameter '{key}' is given more than once.", "invalid_parameter")
+    return request.query
+
+
+def parse_limit(text: str | None) -> int:
+    if text is None:
+        return 100
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE_SIZE:
+        raise bad_request("limit", f"limit must be an integer from 1 to {MAX_PAGE_SIZE}.", "invalid_parameter")
+    return int(text)
+
+
+def parse_status(text: str | None) -> TokenStatus | None:
+    if text is None:
+        return None
+    try:
+        return TokenStatus(text)
+    except ValueError:
+        raise bad_request("status", "status must be 'enabled' or 'disabled'.", "invalid_parameter") from None
+
+
+def parse_time_parameter(name: str, text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    # An unescaped '+' in a query string arrives as a space: "...T00:00:00 02:00" meant "+02:00".
+    text = text[:19] + text[19:].replace(" ", "+")
+    try:
+        return parse_rfc3339(text)
+    except ValueError as error:
+        raise bad_request(name, f"{name} {error}.", "invalid_parameter") from None

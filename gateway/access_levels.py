@@ -1,0 +1,150 @@
+"""Access levels: named rule sets of methods and path patterns, compiled once at start-up.
+
+A pattern is a path of segments where `*` matches one segment (or part of one, as in `v*`) and `**` matches
+any number of segments, including none. Rules see the path after percent-decoding and resolving `.` and `..`,
+so `/api/%75sers` and `/api/./x/../users` meet the rule for `/api/users`; the raw path is still what is
+forwarded upstream.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+ALL_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "TRACE", "CONNECT"})
+_METHOD_PATTERN = re.compile(r"[A-Z]{1,20}")
+_PATTERN_SEGMENT = re.compile(r"[^/?#]*")
+
+
+class AccessLevelConfigError(ValueError):
+    pass
+
+
+def normalize_path(raw_path: str) -> str:
+    """The path a rule judges: percent-decoded once, dot segments resolved, always absolute."""
+    decoded = unquote(raw_path, errors="surrogateescape")
+    resolved = posixpath.normpath("/" + decoded.lstrip("/"))
+    if resolved.startswith("//"):  # normpath keeps a leading double slash (POSIX); we do not
+        resolved = "/" + resolved.lstrip("/")
+    if decoded.endswith("/") and resolved != "/":
+        resolved += "/"
+    return resolved
+
+
+def compile_path_pattern(pattern: str) -> re.Pattern[str]:
+    if not pattern.startswith("/"):
+        raise AccessLevelConfigError(f"path pattern {pattern!r} must start with '/'")
+    parts = ["^"]
+    segments = pattern[1:].split("/")
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        if not _PATTERN_SEGMENT.fullmatch(segment):
+            raise AccessLevelConfigError(f"path pattern {pattern!r} has an invalid segment {segment!r}")
+        if segment == "**":
+            # Any number of whole segments: "/a/**" matches "/a", "/a/", "/a/b/c".
+            parts.append("(?:/.*)?" if last else "(?:/[^/]*)*")
+            continue
+        if "**" in segment:
+            raise AccessLevelConfigError(f"path pattern {pattern!r}: '**' must be a whole segment")
+        parts.append("/" + "[^/]*".join(re.escape(piece) for piece in segment.split("*")))
+        if last and segment:
+            parts.append("/?")
+    parts.append("$")
+    return re.compile("".join(parts))
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    methods: frozenset[str]
+    patterns: tuple[str, ...]
+    _compiled: re.Pattern[str]
+
+    def matches(self, method: str, path: str) -> bool:
+        return method in self.methods and self._compiled.match(path) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLevel:
+    """Allowed when some `allow` rule matches and no `deny` rule does."""
+
+    name: str
+    description: str
+    allow: tuple[Rule, ...]
+    deny: tuple[Rule, ...]
+
+    def permits(self, method: str, normalized_path: str) -> bool:
+        for rule in self.deny:
+            if rule.matches(method, normalized_path):
+                return False
+        for rule in self.allow:
+            if rule.matches(method, normalized_path):
+                return True
+        return False
+
+
+def _parse_rule(level: str, where: str, raw: Any) -> Rule:
+    context = f"access_levels.{level}.{where}"
+    if not isinstance(raw, Mapping):
+        raise AccessLevelConfigError(f"{context}: each rule is a table with 'methods' and 'paths'")
+    unknown = set(raw) - {"methods", "paths"}
+    if unknown:
+        raise AccessLevelConfigError(f"{context}: unknown key(s) {sorted(unknown)}")
+    methods_raw = raw.get("methods", ["*"])
+    paths = raw.get("paths")
+    if not isinstance(methods_raw, list) or not all(isinstance(m, str) for m in methods_raw) or not methods_raw:
+        raise AccessLevelConfigError(f"{context}.methods must be a non-empty list of HTTP methods or '*'")
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        raise AccessLevelConfigError(f"{context}.paths must be a non-empty list of path patterns")
+    methods: set[str] = set()
+    for method in methods_raw:
+        upper = method.upper()
+        if upper == "*":
+            methods |= ALL_METHODS
+        elif _METHOD_PATTERN.fullmatch(upper):
+            methods.add(upper)
+        else:
+            raise AccessLevelConfigError(f"{context}.methods: {method!r} is not an HTTP method")
+    try:
+        compiled = re.compile("|".join(f"(?:{compile_path_pattern(p).pattern})" for p in paths))
+    except AccessLevelConfigError as error:
+        raise AccessLevelConfigError(f"{context}: {error}") from None
+    return Rule(frozenset(methods), tuple(paths), compiled)
+
+
+def parse_access_levels(raw: Any) -> dict[str, AccessLevel]:
+    """Validate and compile the `[access_levels]` table of the config."""
+    if not isinstance(raw, Mapping) or not raw:
+        raise AccessLevelConfigError("access_levels must define at least one level")
+    levels: dict[str, AccessLevel] = {}
+    for name, body in raw.items():
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", name):
+            raise AccessLevelConfigError(f"access level name {name!r} must be lower_snake_case")
+        if not isinstance(body, Mapping):
+            raise AccessLevelConfigError(f"access_levels.{name} must be a table")
+        unknown = set(body) - {"description", "allow", "deny"}
+        if unknown:
+            raise AccessLevelConfigError(f"access_levels.{name}: unknown key(s) {sorted(unknown)}")
+        allow_raw = body.get("allow")
+        if not isinstance(allow_raw, list) or not allow_raw:
+            raise AccessLevelConfigError(f"access_levels.{name}.allow must list at least one rule")
+        deny_raw = body.get("deny", [])
+        if not isinstance(deny_raw, list):
+            raise AccessLevelConfigError(f"access_levels.{name}.deny must be a list of rules")
+        description = body.get("description", "")
+        if not isinstance(description, str):
+            raise AccessLevelConfigError(f"access_levels.{name}.description must be a string")
+        levels[name] = AccessLevel(
+            name=name,
+            description=description,
+            allow=tuple(_parse_rule(name, "allow", rule) for rule in allow_raw),
+            deny=tuple(_parse_rule(name, "deny", rule) for rule in deny_raw),
+        )
+    return levels
+
+
+def level_names(levels: Iterable[AccessLevel]) -> list[str]:
+    return [level.name for level in levels]

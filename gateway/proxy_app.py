@@ -1,0 +1,114 @@
+"""The data plane: every request is checked in order, then forwarded upstream.
+
+credentials (credentials.py) -> token and secret (authenticator.py) -> client address (client_ip.py) ->
+allowed ranges (ranges.py) -> access level (access_levels.py) -> usage (usage.py) -> upstream (forward.py)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractAccessLogger
+
+from gateway.access_levels import normalize_path
+from gateway.authenticator import Authenticator
+from gateway.core import Core, core_key
+from gateway.credentials import presented_token
+from gateway.forward import UpstreamForwarder, upstream_request_headers
+from gateway.problems import GatewayError, problem_middleware
+
+authenticator_key = web.AppKey("authenticator", Authenticator)
+forwarder_key = web.AppKey("forwarder", UpstreamForwarder)
+token_id_key = web.RequestKey("token_id", str)
+
+access_log = logging.getLogger("gateway.access")
+
+
+async def proxy_request(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    core = app[core_key]
+    presented = presented_token(request.headers.get(hdrs.AUTHORIZATION), core.settings.token_prefix)
+    token = await app[authenticator_key].authenticate(presented)
+    token_id = token.record.id
+    request[token_id_key] = token_id
+
+    client_ip, peer_trusted = core.client_ips.resolve(
+        request.remote, request.headers.getall(hdrs.X_FORWARDED_FOR, ())
+    )
+    if token.ip_ranges is not None and (client_ip is None or client_ip not in token.ip_ranges):
+        raise GatewayError(
+            403, "ip_not_allowed", f"This token may not be used from {client_ip or 'this address'}."
+        )
+
+    level = token.access_level
+    if level is None or not level.permits(request.method, normalize_path(request.raw_path.partition("?")[0])):
+        raise GatewayError(
+            403,
+            "insufficient_access_level",
+            f"The token's access level '{token.record.access_level}' does not allow"
+            f" {request.method} on this path.",
+        )
+
+    core.usage.record(token_id, client_ip)
+    headers = upstream_request_headers(
+        request,
+        token_id=token_id,
+        access_level=token.record.access_level,
+        peer_trusted=peer_trusted,
+    )
+    return await app[forwarder_key].forward(request, headers)
+
+
+class ProxyAccessLogger(AbstractAccessLogger):
+    """One line per request with the token id, never the Authorization header or the query string."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        token_id = request.get(token_id_key, "-") if isinstance(request, web.Request) else "-"
+        self.logger.info(
+            '%s "%s %s" %d %s token=%s %.1fms',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            response.body_length,
+            token_id,
+            time * 1000,
+        )
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    settings = app[core_key].settings
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=60),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.upstream_connect_timeout, sock_read=settings.upstream_timeout
+        ),
+        auto_decompress=False,
+    )
+    app[forwarder_key] = UpstreamForwarder(session, settings.require_upstream())
+    yield
+    await session.close()
+
+
+async def _usage_writer(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[core_key].usage.run(), name="usage-writer")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def create_proxy_app(core: Core) -> web.Application:
+    app = web.Application(middlewares=[problem_middleware], handler_args={"max_field_size": 16384})
+    app[core_key] = core
+    app[authenticator_key] = Authenticator(core.tokens, core.hasher, prefix=core.settings.token_prefix)
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_usage_writer)
+    app.router.add_route("*", "/{path:.*}", proxy_request)
+    return app

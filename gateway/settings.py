@@ -1,0 +1,342 @@
+"""Settings: read once at start-up from TOML, then `GATEWAY_*` environment variables, then flags.
+
+Every value is cast and validated here; a bad one stops start-up with a message naming the setting. Nothing
+else in the code base reads the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import netaddr
+
+from gateway.access_levels import AccessLevel, AccessLevelConfigError, parse_access_levels
+from gateway.secrets import Argon2Parameters
+from gateway.token_format import PREFIX_PATTERN
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.toml")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names it and is fit for one line on stderr."""
+
+
+class Secret:
+    """A configured secret that never shows itself in `repr`, `str` or a traceback's locals."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    upstream: str | None
+    proxy_listen: ListenAddress
+    admin_listen: ListenAddress
+    database_path: Path
+    admin_key: Secret | None
+    trusted_proxies: tuple[str, ...]
+    redis_url: Secret | None
+    token_prefix: str
+    upstream_connect_timeout: float
+    upstream_timeout: float
+    usage_flush_interval: float
+    cache_max_entries: int
+    negative_cache_ttl: float
+    shutdown_timeout: float
+    log_level: str
+    access_log: bool
+    argon2: Argon2Parameters
+    access_levels: Mapping[str, AccessLevel] = field(repr=False)
+
+    def require_upstream(self) -> str:
+        if self.upstream is None:
+            raise SettingsError(
+                "setting 'upstream' is missing: set GATEWAY_UPSTREAM, --upstream or 'upstream' in the config file"
+                " to the URL of the API the gateway protects"
+            )
+        return self.upstream
+
+
+# --- casts: each takes the raw value (TOML-typed or a string from the environment / a flag) ---------------
+
+
+def _as_str(raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise ValueError("must be a string")
+    return raw
+
+
+def _as_float(low: float, high: float) -> Callable[[Any], float]:
+    def cast(raw: Any) -> float:
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError("must be a number") from None
+        if isinstance(raw, bool) or not low <= value <= high:
+            raise ValueError(f"must be between {low:g} and {high:g}")
+        return value
+
+    return cast
+
+
+def _as_int(low: int, high: int) -> Callable[[Any], int]:
+    def cast(raw: Any) -> int:
+        if isinstance(raw, bool):
+            raise ValueError("must be an integer")
+        try:
+            value = int(raw)
+        except (TypeError, ValueError):
+            raise ValueError("must be an integer") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return cast
+
+
+def _as_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _as_upstream(raw: Any) -> str:
+    text = _as_str(raw).strip()
+    parts = urlsplit(text)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL, got {text!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("must not contain a query, a fragment or credentials")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"has an invalid port in {text!r}") from None
+    return text.rstrip("/")
+
+
+def parse_listen_address(raw: Any) -> ListenAddress:
+    text = _as_str(raw).strip()
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"must be HOST:PORT, got {text!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    host = host.strip("[]") or "0.0.0.0"
+    return ListenAddress(host, port)
+
+
+def _as_database_path(raw: Any) -> Path:
+    text = _as_str(raw).strip()
+    prefix = "sqlite:///"
+    if not text.startswith(prefix) or len(text) == len(prefix):
+        raise ValueError(f"must be sqlite:///RELATIVE/PATH or sqlite:////ABSOLUTE/PATH, got {text!r}")
+    path = text[len(prefix) :]
+    if path == ":memory:":
+        raise ValueError("an in-memory database would lose every token on restart")
+    return Path(path)
+
+
+def _as_secret(minimum_length: int) -> Callable[[Any], Secret]:
+    def cast(raw: Any) -> Secret:
+        text = _as_str(raw).strip()
+        if len(text) < minimum_length:
+            raise ValueError(f"must be at least {minimum_length} characters")
+        return Secret(text)
+
+    return cast
+
+
+def _as_redis_url(raw: Any) -> Secret:
+    text = _as_str(raw).strip()
+    if urlsplit(text).scheme not in {"redis", "rediss", "unix"}:
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return Secret(text)
+
+
+def _as_networks(raw: Any) -> tuple[str, ...]:
+    items = [item.strip() for item in raw.split(",")] if isinstance(raw, str) else raw
+    if not isinstance(items, list):
+        raise ValueError("must be a list of addresses or CIDRs")
+    networks = []
+    for item in items:
+        if item == "":
+            continue
+        try:
+            networks.append(str(netaddr.IPNetwork(_as_str(item)).cidr))
+        except (netaddr.AddrFormatError, ValueError, TypeError):
+            raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+    return tuple(networks)
+
+
+def _as_prefix(raw: Any) -> str:
+    text = _as_str(raw)
+    if not PREFIX_PATTERN.fullmatch(text):
+        raise ValueError("must be 1-16 lower-case letters and digits, starting with a letter")
+    return text
+
+
+def _as_log_level(raw: Any) -> str:
+    text = _as_str(raw).upper()
+    if text not in logging.getLevelNamesMapping():
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return text
+
+
+_CASTS: dict[str, Callable[[Any], Any]] = {
+    "upstream": _as_upstream,
+    "proxy_listen": parse_listen_address,
+    "admin_listen": parse_listen_address,
+    "database_url": _as_database_path,
+    "admin_key": _as_secret(16),
+    "trusted_proxies": _as_networks,
+    "redis_url": _as_redis_url,
+    "token_prefix": _as_prefix,
+    "upstream_connect_timeout": _as_float(0.1, 600),
+    "upstream_timeout": _as_float(0.1, 3600),
+    "usage_flush_interval": _as_float(0.05, 10),
+    "cache_max_entries": _as_int(1, 100_000_000),
+    "negative_cache_ttl": _as_float(0, 3600),
+    "shutdown_timeout": _as_float(0, 3600),
+    "log_level": _as_log_level,
+    "access_log": _as_bool,
+    "argon2.time_cost": _as_int(1, 100),
+    "argon2.memory_cost_kib": _as_int(8, 4 * 1024 * 1024),
+    "argon2.parallelism": _as_int(1, 64),
+}
+_OPTIONAL = {"upstream", "admin_key", "redis_url"}
+
+
+def env_name(setting: str) -> str:
+    return "GATEWAY_" + setting.replace(".", "_").upper()
+
+
+def _read_toml(path: Path, *, what: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as error:
+        raise SettingsError(f"{what} {str(path)!r} cannot be read: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError(f"{what} {str(path)!r} is not valid TOML: {error}") from None
+
+
+def _flatten(table: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "access_levels":
+            continue
+        if key == "argon2" and isinstance(value, Mapping):
+            flat.update({f"argon2.{inner}": inner_value for inner, inner_value in value.items()})
+        else:
+            flat[key] = value
+    unknown = sorted(set(flat) - set(_CASTS))
+    if unknown:
+        raise SettingsError(f"config file {str(path)!r}: unknown setting {unknown[0]!r}")
+    return flat
+
+
+def load_settings(
+    *,
+    config_path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings: packaged defaults < config file < environment < `overrides` (flags, tests)."""
+    environ = os.environ if environ is None else environ
+    defaults = _read_toml(DEFAULT_CONFIG_PATH, what="default config")
+    raw: dict[str, Any] = _flatten(defaults, DEFAULT_CONFIG_PATH)
+    levels_raw = defaults["access_levels"]
+
+    config_path = config_path or environ.get("GATEWAY_CONFIG") or None
+    if config_path is not None:
+        path = Path(config_path)
+        table = _read_toml(path, what="config file")
+        raw.update(_flatten(table, path))
+        levels_raw = table.get("access_levels", levels_raw)
+
+    sources = {name: f"'{name}' in the config" for name in raw}
+    for name in _CASTS:
+        if env_name(name) in environ:
+            raw[name] = environ[env_name(name)]
+            sources[name] = env_name(name)
+    for name, value in (overrides or {}).items():
+        if name not in _CASTS:
+            raise SettingsError(f"unknown setting {name!r}")
+        if value is not None:
+            raw[name] = value
+            sources[name] = f"'{name}'"
+
+    values: dict[str, Any] = {}
+    for name, cast in _CASTS.items():
+        if name not in raw or (name in _OPTIONAL and raw[name] in ("", None)):
+            if name not in _OPTIONAL:
+                raise SettingsError(f"setting '{name}' is missing ({env_name(name)})")
+            values[name] = None
+            continue
+        try:
+            values[name] = cast(raw[name])
+        except ValueError as error:
+            raise SettingsError(f"setting {sources[name]} {error}") from None
+
+    try:
+        access_levels = parse_access_levels(levels_raw)
+    except AccessLevelConfigError as error:
+        raise SettingsError(f"setting {error}") from None
+
+    return Settings(
+        upstream=values["upstream"],
+        proxy_listen=values["proxy_listen"],
+        admin_listen=values["admin_listen"],
+        database_path=values["database_url"],
+        admin_key=values["admin_key"],
+        trusted_proxies=values["trusted_proxies"],
+        redis_url=values["redis_url"],
+        token_prefix=values["token_prefix"],
+        upstream_connect_timeout=values["upstream_connect_timeout"],
+        upstream_timeout=values["upstream_timeout"],
+        usage_flush_interval=values["usage_flush_interval"],
+        cache_max_entries=values["cache_max_entries"],
+        negative_cache_ttl=values["negative_cache_ttl"],
+        shutdown_timeout=values["shutdown_timeout"],
+        log_level=values["log_level"],
+        access_log=values["access_log"],
+        argon2=Argon2Parameters(
+            time_cost=values["argon2.time_cost"],
+            memory_cost_kib=values["argon2.memory_cost_kib"],
+            parallelism=values["argon2.parallelism"],
+        ),
+        access_levels=access_levels,
+    )

@@ -1,0 +1,67 @@
+"""The async interface every store backend (SQLite now, PostgreSQL later) and cache layer implements.
+
+Each change to a token is one transaction that also appends its audit event, so a change is never recorded
+without its audit line, nor the other way round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Protocol
+
+from gateway.tokens import AdminKeyRecord, AuditEvent, TokenRecord, TokenStatus
+
+TokenChange = Callable[[TokenRecord], tuple[TokenRecord, AuditEvent]]
+
+
+class TokenNotFound(LookupError):
+    pass
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+class TokenStore(Protocol):
+    reads: int
+    """Token reads served so far; tests count them to prove the hot path stays off the store."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    async def insert_token(self, record: TokenRecord, event: AuditEvent) -> None: ...
+
+    async def get_token(self, token_id: str) -> TokenRecord | None: ...
+
+    async def list_tokens(
+        self,
+        *,
+        status: TokenStatus | None = None,
+        unused_since: datetime | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[TokenRecord], str | None]: ...
+
+    async def change_token(self, token_id: str, change: TokenChange) -> TokenRecord:
+        """Apply `change` to the current record in one transaction; TokenNotFound if there is none."""
+        ...
+
+    async def delete_token(self, token_id: str, event: AuditEvent) -> None: ...
+
+    async def record_usage(self, usage: Mapping[str, tuple[datetime, str]]) -> None:
+        """Write last-used times and addresses in one batch, never moving a time backwards."""
+        ...
+
+    async def list_audit(
+        self, *, token_id: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[AuditEvent], str | None]: ...
+
+    async def append_audit(self, event: AuditEvent) -> None: ...
+
+    async def list_admin_keys(self) -> list[AdminKeyRecord]: ...
+
+    async def put_admin_key(self, record: AdminKeyRecord, event: AuditEvent | None = None) -> None: ...

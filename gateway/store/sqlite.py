@@ -1,0 +1,384 @@
+"""The embedded store: one SQLite file in WAL mode, driven from a single dedicated thread.
+
+SQLite serialises writers anyway; one thread keeps every statement off the event loop, needs no extra
+dependency, and makes each read-modify-write naturally atomic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sqlite3
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.store.base import InvalidCursor, TokenChange, TokenNotFound
+from gateway.tokens import (
+    AdminKeyRecord,
+    AuditEvent,
+    TokenRecord,
+    TokenStatus,
+    format_time,
+    parse_stored_time,
+)
+
+T = TypeVar("T")
+
+# Each entry upgrades the schema by one version; PRAGMA user_version records how far a file has come.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE tokens (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        access_level TEXT NOT NULL,
+        allowed_ip_ranges TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('enabled', 'disabled')),
+        expires_at TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        rotated_at TEXT,
+        last_used_at TEXT,
+        last_used_ip TEXT,
+        secret_hash TEXT NOT NULL,
+        previous_secret_hash TEXT,
+        previous_secret_expires_at TEXT,
+        version INTEGER NOT NULL
+    );
+    CREATE INDEX tokens_status ON tokens (status, seq);
+    CREATE TABLE audit_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        token_id TEXT,
+        details TEXT NOT NULL
+    );
+    CREATE INDEX audit_events_token ON audit_events (token_id, seq);
+    CREATE TABLE admin_keys (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        key_hash TEXT NOT NULL
+    );
+    """,
+)
+
+_COLUMN_NAMES = (
+    "id", "name", "access_level", "allowed_ip_ranges", "status", "expires_at", "created_at", "updated_at",
+    "rotated_at", "last_used_at", "last_used_ip", "secret_hash", "previous_secret_hash",
+    "previous_secret_expires_at", "version",
+)
+_TOKEN_COLUMNS = ", ".join(_COLUMN_NAMES)
+# What an admin change may write. Usage columns are written behind by the proxy, never from a stale read.
+_CHANGEABLE_COLUMNS = tuple(c for c in _COLUMN_NAMES if c not in {"id", "created_at", "last_used_at", "last_used_ip"})
+_CHANGE_ASSIGNMENTS = ", ".join(f"{column} = ?" for column in _CHANGEABLE_COLUMNS)
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not text.startswith("s") or not text[1:].isdigit():
+            raise ValueError
+        return int(text[1:])
+    except ValueError:
+        raise InvalidCursor("is not a cursor this API returned") from None
+
+
+def _token_values(record: TokenRecord) -> dict[str, Any]:
+    return dict(zip(_COLUMN_NAMES, _token_row(record), strict=True))
+
+
+def _token_row(record: TokenRecord) -> tuple[Any, ...]:
+    return (
+        record.id,
+        record.name,
+        record.access_level,
+        json.dumps(list(record.allowed_ip_ranges)),
+        record.status.value,
+        format_time(record.expires_at),
+        format_time(record.created_at),
+        format_time(record.updated_at),
+        format_time(record.rotated_at),
+        format_time(record.last_used_at),
+        record.last_used_ip,
+        record.secret_hash,
+        record.previous_secret_hash,
+        format_time(record.previous_secret_expires_at),
+        record.version,
+    )
+
+
+def _token_from_row(row: sqlite3.Row) -> TokenRecord:
+    return TokenRecord(
+        id=row["id"],
+        name=row["name"],
+        access_level=row["access_level"],
+        allowed_ip_ranges=tuple(json.loads(row["allowed_ip_ranges"])),
+        status=TokenStatus(row["status"]),
+        expires_at=parse_stored_time(row["expires_at"]),
+        created_at=parse_stored_time(row["created_at"]),  # type: ignore[arg-type]
+        updated_at=parse_stored_time(row["updated_at"]),  # type: ignore[arg-type]
+        rotated_at=parse_stored_time(row["rotated_at"]),
+        last_used_at=parse_stored_time(row["last_used_at"]),
+        last_used_ip=row["last_used_ip"],
+        secret_hash=row["secret_hash"],
+        previous_secret_hash=row["previous_secret_hash"],
+        previous_secret_expires_at=parse_stored_time(row["previous_secret_expires_at"]),
+        version=row["version"],
+    )
+
+
+def _event_from_row(row: sqlite3.Row) -> AuditEvent:
+    return AuditEvent(
+        id=row["seq"],
+        at=parse_stored_time(row["at"]),  # type: ignore[arg-type]
+        actor=row["actor"],
+        action=row["action"],
+        token_id=row["token_id"],
+        details=json.loads(row["details"]),
+    )
+
+
+class SQLiteStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.reads = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._connection: sqlite3.Connection | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
+
+    async def _run(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        connection = self._connection
+        if connection is None:
+            raise RuntimeError("the store is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, function, connection)
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._connection = await loop.run_in_executor(self._executor, self._open_blocking)
+
+    def _open_blocking(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=10.0
+        )
+        connection.row_factory = sqlite3.Row
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA busy_timeout=10000")
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            connection.close()
+            raise RuntimeError(
+                f"database {str(self.path)!r} has schema version {version}, newer than this gateway knows"
+                f" ({len(MIGRATIONS)}): upgrade the gateway"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            connection.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
+        return connection
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._run(lambda connection: connection.close())
+            self._connection = None
+        self._executor.shutdown(wait=True)
+
+    async def ping(self) -> None:
+        await self._run(lambda connection: connection.execute("SELECT 1").fetchone())
+
+    # --- tokens ----------------------------------------------------------------------------------------
+
+    async def insert_token(self, record: TokenRecord, event: AuditEvent) -> None:
+        def insert(connection: sqlite3.Connection) -> None:
+            with _transaction(connection):
+                connection.execute(
+                    f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMN_NAMES))})",
+                    _token_row(record),
+                )
+                _insert_event(connection, event)
+
+        await self._run(insert)
+
+    async def get_token(self, token_id: str) -> TokenRecord | None:
+        self.reads += 1
+
+        def get(connection: sqlite3.Connection) -> TokenRecord | None:
+            row = connection.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = ?", (token_id,)
+            ).fetchone()
+            return None if row is None else _token_from_row(row)
+
+        return await self._run(get)
+
+    async def list_tokens(
+        self,
+        *,
+        status: TokenStatus | None = None,
+        unused_since: datetime | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[TokenRecord], str | None]:
+        clauses: list[str] = []
+        parameters: list[Any] = []
+        if cursor is not None:
+            clauses.append("seq < ?")
+            parameters.append(_decode_cursor(cursor))
+        if status is not None:
+            clauses.append("status = ?")
+            parameters.append(status.value)
+        if unused_since is not None:
+            clauses.append("(last_used_at IS NULL OR last_used_at < ?)")
+            parameters.append(format_time(unused_since))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        parameters.append(limit + 1)
+
+        def query(connection: sqlite3.Connection) -> list[sqlite3.Row]:
+            return connection.execute(
+                f"SELECT seq, {_TOKEN_COLUMNS} FROM tokens {where} ORDER BY seq DESC LIMIT ?", parameters
+            ).fetchall()
+
+        rows = await self._run(query)
+        next_cursor = _encode_cursor(rows[limit - 1]["seq"]) if len(rows) > limit else None
+        return [_token_from_row(row) for row in rows[:limit]], next_cursor
+
+    async def change_token(self, token_id: str, change: TokenChange) -> TokenRecord:
+        def apply(connection: sqlite3.Connection) -> TokenRecord:
+            with _transaction(connection):
+                row = connection.execute(
+                    f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = ?", (token_id,)
+                ).fetchone()
+                if row is None:
+                    raise TokenNotFound(token_id)
+                current = _token_from_row(row)
+                changed, event = change(current)
+                values = _token_values(changed)
+                connection.execute(
+                    f"UPDATE tokens SET {_CHANGE_ASSIGNMENTS} WHERE id = ?",
+                    (*(values[column] for column in _CHANGEABLE_COLUMNS), token_id),
+                )
+                _insert_event(connection, event)
+                return changed
+
+        return await self._run(apply)
+
+    async def delete_token(self, token_id: str, event: AuditEvent) -> None:
+        def delete(connection: sqlite3.Connection) -> None:
+            with _transaction(connection):
+                if connection.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount == 0:
+                    raise TokenNotFound(token_id)
+                _insert_event(connection, event)
+
+        await self._run(delete)
+
+    async def record_usage(self, usage: Mapping[str, tuple[datetime, str]]) -> None:
+        rows = [(format_time(at), ip, token_id, format_time(at)) for token_id, (at, ip) in usage.items()]
+
+        def write(connection: sqlite3.Connection) -> None:
+            with _transaction(connection):
+                connection.executemany(
+                    "UPDATE tokens SET last_used_at = ?, last_used_ip = ?"
+                    " WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)",
+                    rows,
+                )
+
+        if rows:
+            await self._run(write)
+
+    # --- audit -----------------------------------------------------------------------------------------
+
+    async def append_audit(self, event: AuditEvent) -> None:
+        def append(connection: sqlite3.Connection) -> None:
+            with _transaction(connection):
+                _insert_event(connection, event)
+
+        await self._run(append)
+
+    async def list_audit(
+        self, *, token_id: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[AuditEvent], str | None]:
+        clauses: list[str] = []
+        parameters: list[Any] = []
+        if cursor is not None:
+            clauses.append("seq < ?")
+            parameters.append(_decode_cursor(cursor))
+        if token_id is not None:
+            clauses.append("token_id = ?")
+            parameters.append(token_id)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        parameters.append(limit + 1)
+
+        def query(connection: sqlite3.Connection) -> list[sqlite3.Row]:
+            return connection.execute(
+                f"SELECT * FROM audit_events {where} ORDER BY seq DESC LIMIT ?", parameters
+            ).fetchall()
+
+        rows = await self._run(query)
+        next_cursor = _encode_cursor(rows[limit - 1]["seq"]) if len(rows) > limit else None
+        return [_event_from_row(row) for row in rows[:limit]], next_cursor
+
+    # --- admin keys ------------------------------------------------------------------------------------
+
+    async def list_admin_keys(self) -> list[AdminKeyRecord]:
+        def query(connection: sqlite3.Connection) -> list[AdminKeyRecord]:
+            rows = connection.execute("SELECT * FROM admin_keys ORDER BY created_at").fetchall()
+            return [
+                AdminKeyRecord(
+                    id=row["id"],
+                    name=row["name"],
+                    role=row["role"],
+                    created_at=parse_stored_time(row["created_at"]),  # type: ignore[arg-type]
+                    key_hash=row["key_hash"],
+                )
+                for row in rows
+            ]
+
+        return await self._run(query)
+
+    async def put_admin_key(self, record: AdminKeyRecord, event: AuditEvent | None = None) -> None:
+        def put(connection: sqlite3.Connection) -> None:
+            with _transaction(connection):
+                connection.execute(
+                    "INSERT INTO admin_keys (id, name, role, created_at, key_hash) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (id) DO UPDATE SET name = excluded.name, role = excluded.role,"
+                    " key_hash = excluded.key_hash",
+                    (record.id, record.name, record.role, format_time(record.created_at), record.key_hash),
+                )
+                if event is not None:
+                    _insert_event(connection, event)
+
+        await self._run(put)
+
+
+class _transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception: nothing is ever half-written."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def __enter__(self) -> None:
+        self._connection.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        self._connection.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _insert_event(connection: sqlite3.Connection, event: AuditEvent) -> None:
+    connection.execute(
+        "INSERT INTO audit_events (at, actor, action, token_id, details) VALUES (?, ?, ?, ?, ?)",
+        (format_time(event.at), event.actor, event.action, event.token_id, json.dumps(event.details)),
+    )

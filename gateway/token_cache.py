@@ -1,0 +1,146 @@
+"""Tokens held in memory by each proxy process, in front of the store.
+
+An entry carries what the hot path needs, precompiled: the token's IP set, its access level, its expiry as a
+float, and the memo digests of secrets already verified with argon2. Entries are filled on first use (one store
+read per token id, however many requests wait for it) and replaced write-through when the admin API commits a
+change, so a change holds on the very next request. An unknown id is remembered for `negative_ttl` seconds, so
+a flood of random ids costs the store one read per id, not one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import netaddr
+
+from gateway.access_levels import AccessLevel
+from gateway.ranges import compile_ranges
+from gateway.store.base import TokenStore
+from gateway.tokens import TokenRecord, TokenStatus
+
+
+@dataclass(slots=True, eq=False)
+class CachedToken:
+    record: TokenRecord
+    ip_ranges: netaddr.IPSet | None
+    access_level: AccessLevel | None  # None when the level was removed from the config: every request is 403
+    enabled: bool
+    expires_at: float | None
+    previous_secret_until: float | None
+    memo_current: bytes | None = None
+    memo_previous: bytes | None = None
+    verifications: dict[bytes, asyncio.Future[bool]] = field(default_factory=dict)
+
+
+def _timestamp(record_time: object) -> float | None:
+    return None if record_time is None else record_time.timestamp()  # type: ignore[attr-defined]
+
+
+class TokenCache:
+    def __init__(
+        self,
+        store: TokenStore,
+        access_levels: Mapping[str, AccessLevel],
+        *,
+        max_entries: int = 100_000,
+        negative_ttl: float = 5.0,
+    ) -> None:
+        self._store = store
+        self._levels = access_levels
+        self._max_entries = max_entries
+        self._negative_ttl = negative_ttl
+        # A CachedToken, or the monotonic time until which the id is known not to exist.
+        self._entries: OrderedDict[str, CachedToken | float] = OrderedDict()
+        self._loads: dict[str, asyncio.Task[TokenRecord | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def peek(self, token_id: str) -> CachedToken | None:
+        entry = self._entries.get(token_id)
+        return entry if isinstance(entry, CachedToken) else None
+
+    async def get(self, token_id: str) -> CachedToken | None:
+        while True:
+            entry = self._entries.get(token_id)
+            if entry is not None:
+                if type(entry) is CachedToken:
+                    self._entries.move_to_end(token_id)
+                    return entry
+                if entry > time.monotonic():  # type: ignore[operator]
+                    return None
+                del self._entries[token_id]
+            load = self._loads.get(token_id)
+            if load is None:
+                load = asyncio.ensure_future(self._store.get_token(token_id))
+                self._loads[token_id] = load
+                load.add_done_callback(lambda done, key=token_id: self._settle(key, done))
+            record = await asyncio.shield(load)  # a failed read raises here, for every waiter
+            if token_id in self._entries:
+                continue  # settled, or overtaken by a newer write-through: the loop reads the entry
+            if record is None:
+                return None
+            # Overtaken by a delete while in flight, and nothing cached: read again rather than trust it.
+
+    def _settle(self, token_id: str, load: asyncio.Task[TokenRecord | None]) -> None:
+        if self._loads.get(token_id) is not load:
+            return  # a change happened while this read was in flight: its result may be stale
+        del self._loads[token_id]
+        if load.cancelled() or load.exception() is not None:
+            return
+        record = load.result()
+        if record is None:
+            if self._negative_ttl > 0:
+                self._insert(token_id, time.monotonic() + self._negative_ttl)
+        else:
+            self._insert(token_id, self._build(record, None))
+
+    def apply(self, record: TokenRecord) -> None:
+        """Write-through after the store committed a change: the next request sees `record`."""
+        self._loads.pop(record.id, None)
+        current = self._entries.get(record.id)
+        previous = current if isinstance(current, CachedToken) else None
+        if previous is not None and previous.record.version > record.version:
+            return
+        self._insert(record.id, self._build(record, previous))
+
+    def forget(self, token_id: str) -> None:
+        """After a delete: drop the entry and any read in flight."""
+        self._loads.pop(token_id, None)
+        self._entries.pop(token_id, None)
+        if self._negative_ttl > 0:
+            self._insert(token_id, time.monotonic() + self._negative_ttl)
+
+    def clear(self) -> None:
+        self._loads.clear()
+        self._entries.clear()
+
+    def _insert(self, token_id: str, entry: CachedToken | float) -> None:
+        self._entries[token_id] = entry
+        self._entries.move_to_end(token_id)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def _build(self, record: TokenRecord, previous: CachedToken | None) -> CachedToken:
+        entry = CachedToken(
+            record=record,
+            ip_ranges=compile_ranges(record.allowed_ip_ranges),
+            access_level=self._levels.get(record.access_level),
+            enabled=record.status is TokenStatus.ENABLED,
+            expires_at=_timestamp(record.expires_at),
+            previous_secret_until=_timestamp(record.previous_secret_expires_at),
+        )
+        if previous is not None:
+            # A memo proves knowledge of the secret behind a hash: it stays valid exactly as long as that hash.
+            old = previous.record
+            if old.secret_hash == record.secret_hash:
+                entry.memo_current = previous.memo_current
+                if old.previous_secret_hash == record.previous_secret_hash:
+                    entry.memo_previous = previous.memo_previous
+            elif record.previous_secret_hash == old.secret_hash:
+                entry.memo_previous = previous.memo_current
+        return entry

@@ -1,0 +1,50 @@
+"""Last-used time and address, recorded in memory on the hot path and written to the store in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+
+import netaddr
+
+from gateway.store.base import TokenStore
+
+log = logging.getLogger(__name__)
+
+
+class UsageRecorder:
+    def __init__(self, store: TokenStore, *, interval: float = 5.0) -> None:
+        self._store = store
+        self._interval = interval
+        self._pending: dict[str, tuple[float, netaddr.IPAddress | None]] = {}
+        self.flushes = 0
+
+    def record(self, token_id: str, client_ip: netaddr.IPAddress | None) -> None:
+        self._pending[token_id] = (time.time(), client_ip)
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, {}
+        usage = {
+            token_id: (datetime.fromtimestamp(at, UTC), "" if ip is None else str(ip))
+            for token_id, (at, ip) in batch.items()
+        }
+        try:
+            await self._store.record_usage(usage)
+            self.flushes += 1
+        except Exception:
+            log.warning("could not write last-used times for %d token(s); will retry", len(batch), exc_info=True)
+            for token_id, value in batch.items():
+                self._pending.setdefault(token_id, value)
+
+    async def run(self) -> None:
+        """Flush every `interval` seconds until cancelled, then once more."""
+        try:
+            while True:
+                await asyncio.sleep(self._interval)
+                await self.flush()
+        finally:
+            await asyncio.shield(self.flush())
