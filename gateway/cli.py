@@ -49,7 +49,6 @@ def _configure_logging(settings: Settings) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("gateway.access").disabled = not settings.access_log
 
 
 async def _start_site(runner: web.AppRunner, where: ListenAddress, shutdown_timeout: float) -> None:
@@ -80,8 +79,15 @@ async def serve(settings: Settings, demo_upstream: ListenAddress | None) -> None
                 file=sys.stderr,
                 flush=True,
             )
-        proxy = web.AppRunner(create_proxy_app(core), access_log_class=ProxyAccessLogger)
-        admin = web.AppRunner(create_admin_app(core, authenticator))
+        proxy = web.AppRunner(
+            create_proxy_app(core),
+            access_log_class=ProxyAccessLogger,
+            access_log=logging.getLogger("gateway.access") if settings.access_log else None,
+        )
+        admin = web.AppRunner(
+            create_admin_app(core, authenticator),
+            access_log=logging.getLogger("admin_api.access") if settings.access_log else None,
+        )
         try:
             await _start_site(proxy, settings.proxy_listen, settings.shutdown_timeout)
             runners.insert(0, proxy)

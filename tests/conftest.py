@@ -1,0 +1,200 @@
+"""Real parts only: a real upstream aiohttp app on a real port, a real SQLite file, real gateway apps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from pytest_aiohttp import AiohttpClient, AiohttpServer
+
+from admin_api.admin_auth import AdminAuthenticator
+from admin_api.app import create_admin_app
+from gateway.core import Core, open_core
+from gateway.proxy_app import create_proxy_app
+from gateway.settings import Settings, load_settings
+
+ADMIN_KEY = "test-admin-key-0123456789abcdef"
+# Cheap argon2 parameters keep the suite fast; the code path is the same as with the defaults.
+FAST_ARGON2 = {"argon2.time_cost": 1, "argon2.memory_cost_kib": 1024}
+
+
+@dataclass
+class Upstream:
+    """A real upstream service on a real port, recording what reached it."""
+
+    server: TestServer
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.requests[-1]
+
+
+def _upstream_app(upstream_state: list[Upstream]) -> web.Application:
+    async def record(request: web.Request, **extra: Any) -> dict[str, Any]:
+        seen = {
+            "method": request.method,
+            "raw_path": request.raw_path,
+            "headers": {k: v for k, v in request.headers.items()},
+            "header_pairs": list(request.headers.items()),
+            **extra,
+        }
+        upstream_state[0].requests.append(seen)
+        return seen
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        seen = await record(request, body=body.decode(errors="replace"))
+        return web.json_response(seen, headers={"X-Upstream": "yes", "Set-Cookie": "session=upstream"})
+
+    async def sha256(request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            size += len(chunk)
+        await record(request, size=size)
+        return web.json_response({"sha256": digest.hexdigest(), "size": size})
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        size = int(request.query["bytes"])
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = size
+        await response.prepare(request)
+        block = bytes(range(256)) * 256
+        sent = 0
+        while sent < size:
+            piece = block[: min(len(block), size - sent)]
+            await response.write(piece)
+            sent += len(piece)
+        await record(request)
+        return response
+
+    async def status(request: web.Request) -> web.Response:
+        await record(request)
+        code = int(request.match_info["code"])
+        return web.Response(status=code, text="" if code in (204, 304) else json.dumps({"status": code}))
+
+    async def slow(request: web.Request) -> web.Response:
+        import asyncio
+
+        await asyncio.sleep(float(request.query.get("seconds", "5")))
+        return web.json_response({"slow": True})
+
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_route("*", "/sha256", sha256)
+    app.router.add_get("/download", download)
+    app.router.add_route("*", "/status/{code:\\d+}", status)
+    app.router.add_get("/slow", slow)
+    app.router.add_route("*", "/{path:.*}", echo)
+    return app
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: AiohttpServer) -> Upstream:
+    state: list[Upstream] = []
+    server = await aiohttp_server(_upstream_app(state))
+    state.append(Upstream(server))
+    return state[0]
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, upstream: Upstream) -> SettingsFactory:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "upstream": upstream.url,
+            "database_url": f"sqlite:///{tmp_path / 'gateway.db'}",
+            "admin_key": ADMIN_KEY,
+            "usage_flush_interval": 0.1,
+            **FAST_ARGON2,
+        }
+        values.update(overrides)
+        return load_settings(environ={}, overrides=values)
+
+    return make
+
+
+@dataclass
+class Gateway:
+    """Both planes of one gateway process, each on its own real port, sharing one core."""
+
+    core: Core
+    proxy: TestClient
+    admin: TestClient
+    database: Path
+    _core_context: Any = field(repr=False)
+    closed: bool = False
+
+    async def close(self) -> None:
+        """Stop both planes and close the store, as a process exit would."""
+        if not self.closed:
+            self.closed = True
+            await self.proxy.close()
+            await self.admin.close()
+            await self._core_context.__aexit__(None, None, None)
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    async def create_token(self, **fields: Any) -> dict[str, Any]:
+        body = {"name": "CRM sync", "access_level": "administrative", **fields}
+        response = await self.admin.post("/v1/tokens", json=body, headers=self.admin_headers)
+        assert response.status == 201, await response.text()
+        return dict(await response.json())
+
+    async def admin_call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        response = await self.admin.request(method, path, headers=self.admin_headers, **kwargs)
+        text = await response.text()
+        return response.status, (json.loads(text) if text else None)
+
+    async def call(self, token: str | None, path: str = "/api/posts", method: str = "GET", **kwargs: Any) -> Any:
+        headers = dict(kwargs.pop("headers", {}))
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return await self.proxy.request(method, path, headers=headers, **kwargs)
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def start_gateway(
+    make_settings: SettingsFactory, aiohttp_client: AiohttpClient
+) -> AsyncIterator[GatewayFactory]:
+    """Starts a gateway on the test's SQLite file; call it again after closing one to 'restart'."""
+    started: list[Gateway] = []
+
+    async def start(**overrides: Any) -> Gateway:
+        settings = make_settings(**overrides)
+        context = open_core(settings)
+        core = await context.__aenter__()
+        authenticator = AdminAuthenticator(core.store, core.hasher, prefix=settings.token_prefix)
+        await authenticator.bootstrap(settings.admin_key)
+        proxy = await aiohttp_client(create_proxy_app(core))
+        admin = await aiohttp_client(create_admin_app(core, authenticator))
+        started.append(Gateway(core, proxy, admin, settings.database_path, context))
+        return started[-1]
+
+    yield start
+    for gateway in reversed(started):
+        await gateway.close()
+
+
+@pytest.fixture
+async def gateway(start_gateway: GatewayFactory) -> Gateway:
+    return await start_gateway()
