@@ -73,7 +73,7 @@ def _upstream_app(upstream_state: list[Upstream]) -> web.Application:
         response.content_length = size
         await response.prepare(request)
         block = bytes(range(256)) * 256
-        sent = 0
+        sent = size if request.method == "HEAD" else 0
         while sent < size:
             piece = block[: min(len(block), size - sent)]
             await response.write(piece)
@@ -198,3 +198,18 @@ async def start_gateway(
 @pytest.fixture
 async def gateway(start_gateway: GatewayFactory) -> Gateway:
     return await start_gateway()
+
+
+async def send_raw(client: TestClient, request: bytes) -> tuple[int, bytes]:
+    """Send bytes exactly as written (no client-side URL normalization) and return status and raw reply."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(1 << 20), timeout=10)
+    finally:
+        writer.close()
+    status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
+    return status, reply

@@ -1,0 +1,127 @@
+"""Step 4: access levels, matched on the normalized path while the raw path is forwarded."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.access_levels import AccessLevelConfigError, compile_path_pattern, normalize_path, parse_access_levels
+from tests.conftest import Gateway, Upstream, send_raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [
+        ("/api/%75sers", "/api/users"),
+        ("/api/./users", "/api/users"),
+        ("/api/posts/../users", "/api/users"),
+        ("/api/public/%2e%2e/users", "/api/users"),
+        ("/api/public%2F..%2Fusers", "/api/users"),
+        ("/../../api/users", "/api/users"),
+        ("//api//users/", "/api/users/"),
+        ("", "/"),
+    ],
+)
+def test_paths_are_decoded_and_dot_segments_resolved(raw: str, normalized: str) -> None:
+    assert normalize_path(raw) == normalized
+
+
+@pytest.mark.parametrize(
+    ("pattern", "matching", "not_matching"),
+    [
+        ("/**", ["/", "/a", "/a/b/c"], []),
+        ("/api/users/**", ["/api/users", "/api/users/", "/api/users/1/x"], ["/api/usersx", "/api", "/api/user"]),
+        ("/api/*/admins", ["/api/1/admins", "/api/1/admins/"], ["/api/admins", "/api/1/2/admins"]),
+        ("/api/v*/x", ["/api/v1/x", "/api/v/x"], ["/api/w1/x"]),
+    ],
+)
+def test_path_patterns(pattern: str, matching: list[str], not_matching: list[str]) -> None:
+    compiled = compile_path_pattern(pattern)
+    assert all(compiled.match(path) for path in matching)
+    assert not any(compiled.match(path) for path in not_matching)
+
+
+@pytest.mark.parametrize(
+    "levels",
+    [
+        {},
+        {"Bad Name": {"allow": [{"paths": ["/**"]}]}},
+        {"x": {"allow": []}},
+        {"x": {"allow": [{"paths": ["no-slash"]}]}},
+        {"x": {"allow": [{"paths": ["/a**"]}]}},
+        {"x": {"allow": [{"methods": ["G3T"], "paths": ["/"]}]}},
+        {"x": {"allow": [{"paths": ["/"], "extra": 1}]}},
+        {"x": {"allow": [{"paths": ["/"]}], "typo": 1}},
+    ],
+)
+def test_invalid_access_level_config_is_refused(levels: dict[str, object]) -> None:
+    with pytest.raises(AccessLevelConfigError):
+        parse_access_levels(levels)
+
+
+async def _status(gateway: Gateway, token: str, method: str, path: str) -> int:
+    response = await gateway.call(token, path, method=method)
+    if response.status == 403:
+        assert (await response.json())["code"] == "insufficient_access_level"
+    return response.status
+
+
+@pytest.mark.parametrize(
+    ("level", "method", "path", "status"),
+    [
+        ("administrative", "DELETE", "/api/users/7", 200),
+        ("managing_editorial", "POST", "/api/posts", 200),
+        ("managing_editorial", "GET", "/api/users/7", 403),
+        ("managing_editorial", "GET", "/api/%75sers/7", 403),
+        ("managing_editorial", "GET", "/api/./users", 403),
+        ("managing_editorial", "GET", "/api/posts/../users", 403),
+        ("managing_editorial", "PUT", "/api/spaces/3/settings", 403),
+        ("managing_editorial", "GET", "/api/spaces/3", 200),
+        ("editorial", "GET", "/api/users", 200),
+        ("editorial", "POST", "/api/posts", 200),
+        ("editorial", "POST", "/api/users", 403),
+        ("editorial", "DELETE", "/api/comments/5", 200),
+        ("read_only", "GET", "/api/users", 200),
+        ("read_only", "OPTIONS", "/api/users", 200),
+        ("read_only", "POST", "/api/posts", 403),
+        ("read_only", "PATCH", "/api/posts/1", 403),
+        ("restricted_read_only", "GET", "/api/public/info", 200),
+        ("restricted_read_only", "HEAD", "/api/news/1", 200),
+        ("restricted_read_only", "OPTIONS", "/api/public/info", 403),
+        ("restricted_read_only", "GET", "/api/users", 403),
+        ("restricted_read_only", "GET", "/api/public/../users", 403),
+        ("restricted_read_only", "GET", "/api/public/%2e%2e/users", 403),
+    ],
+)
+async def test_default_levels_on_the_example_paths(
+    gateway: Gateway, level: str, method: str, path: str, status: int
+) -> None:
+    token = (await gateway.create_token(access_level=level))["token"]
+    assert await _status(gateway, token, method, path) == status
+
+
+async def test_raw_path_and_query_are_forwarded_as_sent(gateway: Gateway, upstream: Upstream) -> None:
+    token = (await gateway.create_token(access_level="read_only"))["token"]
+    raw = "/api/posts/%7Efoo/./a%2Fb?q=%20x&y=1&y=2"
+    request = f"GET {raw} HTTP/1.1\r\nHost: api.example\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    status, _ = await send_raw(gateway.proxy, request.encode())
+    assert status == 200
+    assert upstream.last["raw_path"] == raw
+
+
+async def test_dot_segments_cannot_escape_a_level_through_raw_bytes(gateway: Gateway, upstream: Upstream) -> None:
+    token = (await gateway.create_token(access_level="restricted_read_only"))["token"]
+    seen = len(upstream.requests)
+    for raw in ("/api/public/../users", "/api/public/%2e%2e/users", "/api/public/%2E%2E%2Fusers"):
+        request = f"GET {raw} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        status, reply = await send_raw(gateway.proxy, request.encode())
+        assert status == 403, raw
+        assert b"insufficient_access_level" in reply
+    assert len(upstream.requests) == seen
+
+
+async def test_changing_the_access_level_holds_on_the_next_request(gateway: Gateway) -> None:
+    created = await gateway.create_token(access_level="read_only")
+    assert await _status(gateway, created["token"], "POST", "/api/posts") == 403
+    status, _ = await gateway.admin_call("PATCH", f"/v1/tokens/{created['id']}", json={"access_level": "editorial"})
+    assert status == 200
+    assert await _status(gateway, created["token"], "POST", "/api/posts") == 200

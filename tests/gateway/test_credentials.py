@@ -1,0 +1,105 @@
+"""Step 1 and 2 of every request: reading the credentials and judging the token (RFC 6750 answers)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from gateway.token_format import issue_token, parse_token
+from tests.conftest import Gateway, Upstream
+
+PROBLEM = "application/problem+json"
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Bearer    ", "Token abc", "Digest x=1", "Basic !!!notbase64", basic("", "")[:-2] + "%%",
+     "Basic " + base64.b64encode(b"no-colon").decode(), "Bearer a b"],
+)
+async def test_missing_or_malformed_credentials_get_401_missing_credentials(
+    gateway: Gateway, authorization: str | None
+) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = await gateway.proxy.get("/api/posts", headers=headers)
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="gateway"'
+    assert response.content_type == PROBLEM
+    body = await response.json()
+    assert body["code"] == "missing_credentials"
+    assert body["status"] == 401
+    assert {"type", "title", "detail"} <= body.keys()
+
+
+async def test_token_in_basic_auth_user_or_password_is_accepted(gateway: Gateway, upstream: Upstream) -> None:
+    token = (await gateway.create_token())["token"]
+    for authorization in (basic(token, ""), basic("integration", token), basic(token, "x")):
+        response = await gateway.proxy.get("/api/posts", headers={"Authorization": authorization})
+        assert response.status == 200, authorization
+        assert "Authorization" not in upstream.last["headers"]
+
+
+async def test_bearer_scheme_is_case_insensitive(gateway: Gateway) -> None:
+    token = (await gateway.create_token())["token"]
+    response = await gateway.proxy.get("/api/posts", headers={"Authorization": f"bearer {token}"})
+    assert response.status == 200
+
+
+async def test_unknown_id_wrong_secret_and_bad_checksum_get_the_same_answer(gateway: Gateway) -> None:
+    real = parse_token((await gateway.create_token())["token"], "gw")
+    assert real is not None
+    unknown_id = str(issue_token("gw", "A" * 16))
+    wrong_secret = str(issue_token("gw", real.token_id))
+    bad_checksum = str(real)[:-1] + ("A" if str(real)[-1] != "A" else "B")
+    answers = []
+    for presented in (unknown_id, wrong_secret, bad_checksum, "gw_garbage", "x" * 300):
+        response = await gateway.call(presented)
+        assert response.status == 401, presented
+        assert response.headers["WWW-Authenticate"].startswith('Bearer realm="gateway", error="invalid_token"')
+        answers.append(await response.json())
+    assert all(answer == answers[0] for answer in answers)
+    assert answers[0]["code"] == "invalid_token"
+
+
+async def test_bad_checksum_is_refused_without_a_store_read(gateway: Gateway) -> None:
+    token = (await gateway.create_token())["token"]
+    gateway.core.tokens.clear()
+    reads = gateway.core.store.reads
+    response = await gateway.call(token[:-6] + "000000")
+    assert response.status == 401
+    assert gateway.core.store.reads == reads
+
+
+async def test_steady_state_requests_do_no_argon2_work_and_no_store_reads(gateway: Gateway) -> None:
+    token = (await gateway.create_token())["token"]
+    gateway.core.tokens.clear()  # start cold, as after a restart
+    assert (await gateway.call(token)).status == 200
+    verifications, reads = gateway.core.hasher.verify_calls, gateway.core.store.reads
+    for _ in range(20):
+        assert (await gateway.call(token)).status == 200
+    assert gateway.core.hasher.verify_calls == verifications
+    assert gateway.core.store.reads == reads
+
+
+async def test_concurrent_cold_requests_share_one_store_read_and_one_argon2_verification(gateway: Gateway) -> None:
+    import asyncio
+
+    token = (await gateway.create_token())["token"]
+    gateway.core.tokens.clear()
+    verifications, reads = gateway.core.hasher.verify_calls, gateway.core.store.reads
+    responses = await asyncio.gather(*(gateway.call(token) for _ in range(16)))
+    assert [response.status for response in responses] == [200] * 16
+    assert gateway.core.hasher.verify_calls - verifications == 1
+    assert gateway.core.store.reads - reads == 1
+
+
+async def test_unknown_token_ids_are_remembered_briefly(gateway: Gateway) -> None:
+    unknown = str(issue_token("gw", "B" * 16))
+    reads = gateway.core.store.reads
+    for _ in range(10):
+        assert (await gateway.call(unknown)).status == 401
+    assert gateway.core.store.reads - reads == 1

@@ -1,0 +1,170 @@
+"""Step 5: what reaches the upstream, what comes back, and how upstream failures are answered."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import socket
+
+import pytest
+
+from tests.conftest import Gateway, GatewayFactory, Upstream, send_raw
+
+
+async def test_method_body_and_query_reach_the_upstream(gateway: Gateway, upstream: Upstream) -> None:
+    token = (await gateway.create_token())["token"]
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        response = await gateway.call(token, "/api/posts/1?x=1", method=method, data=b'{"a": 1}',
+                                      headers={"Content-Type": "application/json"})
+        assert response.status == 200
+        assert upstream.last["method"] == method
+        assert upstream.last["raw_path"] == "/api/posts/1?x=1"
+        assert upstream.last["body"] == '{"a": 1}'
+        assert upstream.last["headers"]["Content-Type"] == "application/json"
+
+
+async def test_credentials_are_removed_and_gateway_headers_set(gateway: Gateway, upstream: Upstream) -> None:
+    created = await gateway.create_token(access_level="editorial")
+    response = await gateway.call(
+        created["token"],
+        headers={
+            "X-Gateway-Token-Id": "forged",
+            "x-gateway-access-level": "administrative",
+            "X-Gateway-Anything": "forged",
+            "X-Forwarded-Host": "forged.example",
+            "X-Forwarded-Proto": "gopher",
+            "Host": "api.example.com",
+            "X-Custom": "kept",
+        },
+    )
+    assert response.status == 200
+    headers = upstream.last["headers"]
+    names = [name.lower() for name, _ in upstream.last["header_pairs"]]
+    assert "authorization" not in names
+    assert names.count("x-gateway-token-id") == 1 and names.count("x-gateway-access-level") == 1
+    assert "x-gateway-anything" not in names
+    assert headers["X-Gateway-Token-Id"] == created["id"]
+    assert headers["X-Gateway-Access-Level"] == "editorial"
+    assert headers["Host"] == upstream.url.removeprefix("http://")
+    assert headers["X-Forwarded-Host"] == "api.example.com"
+    assert headers["X-Forwarded-Proto"] == "http"
+    assert headers["X-Forwarded-For"] == "127.0.0.1"
+    assert headers["X-Custom"] == "kept"
+
+
+async def test_hop_by_hop_headers_are_dropped_both_ways(gateway: Gateway, upstream: Upstream) -> None:
+    token = (await gateway.create_token())["token"]
+    request = (
+        "GET /api/posts HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {token}\r\n"
+        "Connection: keep-alive, X-Private\r\nX-Private: secret-hop\r\nKeep-Alive: timeout=5\r\n"
+        "TE: trailers\r\nProxy-Authorization: Basic abc\r\nUpgrade: websocket\r\nX-Kept: 1\r\n\r\n"
+    )
+    status, reply = await send_raw(gateway.proxy, request.encode())
+    assert status == 200
+    names = {name.lower() for name, _ in upstream.last["header_pairs"]}
+    assert not names & {"x-private", "keep-alive", "te", "proxy-authorization", "upgrade"}
+    assert "x-kept" in names
+    head = reply.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"x-upstream: yes" in head and b"set-cookie: session=upstream" in head
+
+
+@pytest.mark.parametrize("code", [201, 204, 304, 404, 418, 500, 503])
+async def test_upstream_status_is_passed_through(gateway: Gateway, code: int) -> None:
+    token = (await gateway.create_token())["token"]
+    response = await gateway.call(token, f"/status/{code}")
+    assert response.status == code
+    body = await response.read()
+    if code in (204, 304):
+        assert body == b""
+
+
+async def test_head_request_gets_headers_and_no_body(gateway: Gateway) -> None:
+    token = (await gateway.create_token())["token"]
+    request = f"HEAD /download?bytes=1000 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    status, reply = await send_raw(gateway.proxy, request.encode())
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert status == 200
+    assert b"content-length: 1000" in head.lower()
+    assert body == b""
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_upstream_refusing_connections_gets_502(start_gateway: GatewayFactory) -> None:
+    gateway = await start_gateway(upstream=f"http://127.0.0.1:{_closed_port()}")
+    token = (await gateway.create_token())["token"]
+    response = await gateway.call(token)
+    assert response.status == 502
+    assert response.content_type == "application/problem+json"
+    assert (await response.json())["code"] == "upstream_unavailable"
+
+
+async def test_slow_upstream_gets_504(start_gateway: GatewayFactory) -> None:
+    gateway = await start_gateway(upstream_timeout=0.2)
+    token = (await gateway.create_token())["token"]
+    response = await gateway.call(token, "/slow?seconds=3")
+    assert response.status == 504
+    assert (await response.json())["code"] == "upstream_timeout"
+
+
+async def test_large_upload_is_streamed_to_the_upstream_intact(gateway: Gateway, upstream: Upstream) -> None:
+    token = (await gateway.create_token())["token"]
+    size = 60 * 1024 * 1024
+    block = hashlib.sha256(b"seed").digest() * 2048  # 64 KiB
+    expected = hashlib.sha256()
+
+    async def body():  # type: ignore[no-untyped-def]
+        sent = 0
+        while sent < size:
+            expected.update(block)
+            sent += len(block)
+            yield block
+
+    response = await gateway.call(token, "/sha256", method="POST", data=body())
+    assert response.status == 200
+    reply = await response.json()
+    assert reply == {"sha256": expected.hexdigest(), "size": size}
+
+
+async def test_large_upload_with_content_length_is_streamed(gateway: Gateway, upstream: Upstream) -> None:
+    token = (await gateway.create_token())["token"]
+    payload = bytes(range(256)) * (4 * 1024 * 16)  # 16 MiB, sent with Content-Length
+    response = await gateway.call(token, "/sha256", method="PUT", data=io.BytesIO(payload),
+                                  headers={"Content-Length": str(len(payload))})
+    assert (await response.json()) == {"sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}
+    assert upstream.last["headers"]["Content-Length"] == str(len(payload))
+
+
+async def test_large_download_is_streamed_to_the_client_intact(gateway: Gateway) -> None:
+    token = (await gateway.create_token())["token"]
+    size = 60 * 1024 * 1024
+    response = await gateway.call(token, f"/download?bytes={size}")
+    assert response.status == 200
+    assert response.headers["Content-Length"] == str(size)
+    digest, received = hashlib.sha256(), 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        digest.update(chunk)
+        received += len(chunk)
+    block = bytes(range(256)) * 256
+    expected = hashlib.sha256()
+    for offset in range(0, size, len(block)):
+        expected.update(block[: min(len(block), size - offset)])
+    assert received == size
+    assert digest.hexdigest() == expected.hexdigest()
+
+
+async def test_client_disconnect_mid_download_leaves_the_gateway_serving(gateway: Gateway) -> None:
+    token = (await gateway.create_token())["token"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy.server.port)
+    writer.write(f"GET /download?bytes={50 * 1024 * 1024} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    await writer.drain()
+    await reader.read(100_000)
+    writer.close()
+    for _ in range(3):
+        assert (await gateway.call(token)).status == 200
