@@ -1,0 +1,169 @@
+"""`gateway serve` as an operator runs it: start-up errors, the generated admin key, and SIGTERM draining."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import Upstream
+
+Serve = Callable[..., Awaitable[asyncio.subprocess.Process]]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _environment(tmp_path: Path, **extra: str) -> dict[str, str]:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
+    environment.update(
+        {
+            "GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
+            "GATEWAY_ARGON2_TIME_COST": "1",
+            "GATEWAY_ARGON2_MEMORY_COST_KIB": "1024",
+            **extra,
+        }
+    )
+    return environment
+
+
+async def _run_to_exit(tmp_path: Path, *arguments: str, **environment: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", *arguments,
+        env=_environment(tmp_path, **environment),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    return process.returncode or 0, stderr.decode()
+
+
+async def test_missing_upstream_stops_start_up_with_one_clear_line(tmp_path: Path) -> None:
+    code, stderr = await _run_to_exit(tmp_path, "serve")
+    assert code == 2
+    assert stderr.strip().count("\n") == 0
+    assert "'upstream' is missing" in stderr and "GATEWAY_UPSTREAM" in stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("GATEWAY_UPSTREAM", "ftp://example"),
+        ("GATEWAY_PROXY_LISTEN", "nowhere"),
+        ("GATEWAY_TRUSTED_PROXIES", "10.0.0.0/33"),
+        ("GATEWAY_ADMIN_KEY", "short"),
+        ("GATEWAY_UPSTREAM_TIMEOUT", "-1"),
+        ("GATEWAY_DATABASE_URL", "postgres://x"),
+    ],
+)
+async def test_bad_setting_stops_start_up_naming_it(tmp_path: Path, variable: str, value: str) -> None:
+    environment = {"GATEWAY_UPSTREAM": "http://127.0.0.1:9", variable: value}
+    code, stderr = await _run_to_exit(tmp_path, "serve", **environment)
+    assert code == 2
+    assert stderr.startswith("gateway: setting ") and variable in stderr
+    assert stderr.strip().count("\n") == 0
+
+
+async def test_bad_config_file_stops_start_up_naming_it(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('upstream = "http://127.0.0.1:9"\nproxy_lisen = "0.0.0.0:1"\n')
+    code, stderr = await _run_to_exit(tmp_path, "serve", "--config", str(config))
+    assert code == 2 and "unknown setting 'proxy_lisen'" in stderr
+
+
+@pytest.fixture
+async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
+    processes: list[asyncio.subprocess.Process] = []
+
+    async def start(upstream: str, **environment: str) -> asyncio.subprocess.Process:
+        proxy, admin = _free_port(), _free_port()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve",
+            env=_environment(
+                tmp_path,
+                GATEWAY_UPSTREAM=upstream,
+                GATEWAY_PROXY_LISTEN=f"127.0.0.1:{proxy}",
+                GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{admin}",
+                **environment,
+            ),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        processes.append(process)
+        process.proxy_url = f"http://127.0.0.1:{proxy}"  # type: ignore[attr-defined]
+        process.admin_url = f"http://127.0.0.1:{admin}"  # type: ignore[attr-defined]
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.get(f"{process.admin_url}/healthz") as response:  # type: ignore[attr-defined]
+                        if response.status == 200:
+                            return process
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+        raise AssertionError("gateway serve did not become healthy")
+
+    yield start
+    for process in processes:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def _stderr_until_exit(process: asyncio.subprocess.Process) -> str:
+    assert process.stderr is not None
+    return (await asyncio.wait_for(process.stderr.read(), timeout=30)).decode()
+
+
+async def test_first_start_prints_a_generated_admin_key_once_and_it_keeps_working(
+    serve: Serve, upstream: Upstream
+) -> None:
+    first = await serve(upstream.url)
+    first.send_signal(signal.SIGTERM)
+    output = await _stderr_until_exit(first)
+    keys = [word for word in output.split() if word.startswith("gwadm_")]
+    assert len(keys) == 1
+    assert await first.wait() == 0
+
+    second = await serve(upstream.url)
+    async with aiohttp.ClientSession() as session:
+        headers = {"Authorization": f"Bearer {keys[0]}"}
+        async with session.get(f"{second.admin_url}/v1/tokens", headers=headers) as response:  # type: ignore[attr-defined]
+            assert response.status == 200
+    second.send_signal(signal.SIGTERM)
+    assert "gwadm_" not in await _stderr_until_exit(second)
+
+
+async def test_sigterm_drains_in_flight_requests_then_exits_0(serve: Serve, upstream: Upstream) -> None:
+    admin_key = "cli-test-admin-key-0123456789"
+    process = await serve(upstream.url, GATEWAY_ADMIN_KEY=admin_key)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{process.admin_url}/v1/tokens",  # type: ignore[attr-defined]
+            json={"name": "drain", "access_level": "read_only"},
+            headers={"Authorization": f"Bearer {admin_key}"},
+        ) as response:
+            token = (await response.json())["token"]
+        in_flight = asyncio.ensure_future(
+            session.get(f"{process.proxy_url}/slow?seconds=1", headers={"Authorization": f"Bearer {token}"})  # type: ignore[attr-defined]
+        )
+        while not any(request["raw_path"].startswith("/slow") for request in upstream.requests):
+            await asyncio.sleep(0.02)
+            if in_flight.done():
+                break
+        process.send_signal(signal.SIGTERM)
+        response = await in_flight
+        assert response.status == 200
+        assert await response.json() == {"slow": True}
+    output = await _stderr_until_exit(process)
+    assert await process.wait() == 0
+    assert "stopped" in output
+    assert admin_key not in output and token not in output
