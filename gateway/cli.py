@@ -113,7 +113,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo: ListenAddress | None = None
     try:
         if arguments.demo_upstream is not None:
-
             demo = parse_listen_address(arguments.demo_upstream)
             overrides["upstream"] = overrides["upstream"] or f"http://{demo}"
         settings = load_settings(config_path=arguments.config, overrides=overrides)
