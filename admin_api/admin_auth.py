@@ -81,7 +81,7 @@ class AdminAuthenticator:
 admin_authenticator_key = web.AppKey("admin_authenticator", AdminAuthenticator)
 admin_key_key = web.RequestKey("admin_key", AdminKeyRecord)
 
-PUBLIC_PATHS = frozenset({"/healthz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 @web.middleware

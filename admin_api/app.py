@@ -9,6 +9,7 @@ from aiohttp import web
 from admin_api import token_routes
 from admin_api.admin_auth import AdminAuthenticator, admin_auth_middleware, admin_authenticator_key
 from admin_api.validation import parse_limit, query_parameters
+from gateway.background import background_task
 from gateway.core import Core, core_key
 from gateway.problems import GatewayError, bad_request, problem_middleware
 from gateway.store import InvalidCursor
@@ -39,6 +40,30 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+@routes.get("/readyz")
+async def ready(request: web.Request) -> web.Response:
+    """Whether this admin process can do its work: the store answers, and Redis too when configured."""
+    core = request.app[core_key]
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(core.store.ping(), timeout=2.0)
+        checks["store"] = "ok"
+    except Exception:
+        checks["store"] = "unavailable"
+    if core.shared is None:
+        checks["redis"] = "not configured"
+    else:
+        try:
+            await asyncio.wait_for(core.shared.client.ping(), timeout=2.0)
+            checks["redis"] = "ok"
+        except Exception:
+            checks["redis"] = "unavailable"
+        pending = await core.store.pending_changes(limit=1000) if checks["store"] == "ok" else []
+        checks["undelivered_changes"] = str(len(pending))
+    ready = checks["store"] == "ok" and checks["redis"] in ("ok", "not configured")
+    return web.json_response({"status": "ok" if ready else "unavailable", **checks}, status=200 if ready else 503)
+
+
 def create_admin_app(core: Core, authenticator: AdminAuthenticator) -> web.Application:
     """The admin app. The caller runs `authenticator.bootstrap()` first, so a key exists before traffic."""
     app = web.Application(
@@ -48,4 +73,8 @@ def create_admin_app(core: Core, authenticator: AdminAuthenticator) -> web.Appli
     app[admin_authenticator_key] = authenticator
     app.router.add_routes(token_routes.routes)
     app.router.add_routes(routes)
+    if core.shared is not None:
+        shared = core.shared
+        app.cleanup_ctx.append(background_task("change-delivery", lambda app: shared.changes.run()))
+        app.cleanup_ctx.append(background_task("usage-drainer", lambda app: shared.usage_drainer.run()))
     return app

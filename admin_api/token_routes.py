@@ -104,7 +104,7 @@ async def create_token(request: web.Request) -> web.Response:
         expires_at=format_time(expires_at),
     )
     await core.store.insert_token(record, event)
-    core.tokens.apply(record)
+    await core.changes.changed(record)
     return web.json_response(
         {**record.view(), "token": str(token)},
         status=201,
@@ -144,7 +144,7 @@ async def _change(request: web.Request, change: Any) -> TokenRecord:
         record = await core.store.change_token(token_id, change)
     except TokenNotFound:
         raise _not_found(token_id) from None
-    core.tokens.apply(record)
+    await core.changes.changed(record)
     return record
 
 
@@ -250,5 +250,5 @@ async def delete_token(request: web.Request) -> web.Response:
         await core.store.delete_token(token_id, _event(request, "token.delete", token_id, name=record.name))
     except TokenNotFound:
         raise _not_found(token_id) from None
-    core.tokens.forget(token_id)
+    await core.changes.deleted(token_id)
     return web.Response(status=204)

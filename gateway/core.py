@@ -1,6 +1,8 @@
-"""The core both planes share in one process: settings, store, hasher, token cache and usage recorder.
+"""The core both planes share in one process: settings, store, hasher, token cache, usage and change delivery.
 
 Only the composition root (the command line, or a test) opens it; the proxy and the admin API receive it.
+Without Redis everything lives in this process; with Redis the token cache is layered (process -> Redis ->
+store) and changes travel through Redis to every process.
 """
 
 from __future__ import annotations
@@ -9,14 +11,29 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import redis.asyncio as redis
 from aiohttp import web
 
 from gateway.client_ip import ClientIpResolver
+from gateway.invalidation import InvalidationListener
+from gateway.redis_tokens import RedisTokens, RedisUsage, connect
 from gateway.secrets import SecretHasher
 from gateway.settings import Settings
 from gateway.store import SQLiteStore, TokenStore
 from gateway.token_cache import TokenCache
-from gateway.usage import UsageRecorder
+from gateway.token_changes import LocalTokenChanges, RedisTokenChanges, TokenChanges
+from gateway.usage import UsageDrainer, UsageRecorder
+
+
+@dataclass(frozen=True, slots=True)
+class SharedCache:
+    """The Redis side of the core; its background tasks are run by the plane that needs them."""
+
+    client: redis.Redis
+    tokens: RedisTokens
+    listener: InvalidationListener  # proxy plane
+    changes: RedisTokenChanges  # admin plane: outbox delivery
+    usage_drainer: UsageDrainer  # admin plane
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +44,8 @@ class Core:
     tokens: TokenCache
     usage: UsageRecorder
     client_ips: ClientIpResolver
+    changes: TokenChanges
+    shared: SharedCache | None = None
 
 
 core_key = web.AppKey("core", Core)
@@ -34,23 +53,52 @@ core_key = web.AppKey("core", Core)
 
 @asynccontextmanager
 async def open_core(settings: Settings) -> AsyncIterator[Core]:
-    store = SQLiteStore(settings.database_path)
+    store = SQLiteStore(settings.database_path, record_changes=settings.redis_url is not None)
     await store.open()
     hasher = SecretHasher(settings.argon2)
+    client = connect(settings.redis_url.reveal()) if settings.redis_url is not None else None
     try:
-        yield Core(
+        yield _assemble(settings, store, hasher, client)
+    finally:
+        if client is not None:
+            await client.aclose()
+        hasher.close()
+        await store.close()
+
+
+def _assemble(settings: Settings, store: SQLiteStore, hasher: SecretHasher, client: redis.Redis | None) -> Core:
+    cache_options = {"max_entries": settings.cache_max_entries, "negative_ttl": settings.negative_cache_ttl}
+    client_ips = ClientIpResolver(settings.trusted_proxies)
+    if client is None:
+        tokens = TokenCache(store, settings.access_levels, **cache_options)  # type: ignore[arg-type]
+        return Core(
             settings=settings,
             store=store,
             hasher=hasher,
-            tokens=TokenCache(
-                store,
-                settings.access_levels,
-                max_entries=settings.cache_max_entries,
-                negative_ttl=settings.negative_cache_ttl,
-            ),
+            tokens=tokens,
             usage=UsageRecorder(store, interval=settings.usage_flush_interval),
-            client_ips=ClientIpResolver(settings.trusted_proxies),
+            client_ips=client_ips,
+            changes=LocalTokenChanges(tokens),
         )
-    finally:
-        hasher.close()
-        await store.close()
+    shared_tokens = RedisTokens(
+        client, store, key_prefix=settings.redis_key_prefix, entry_ttl=settings.redis_entry_ttl
+    )
+    tokens = TokenCache(shared_tokens, settings.access_levels, ttl=settings.cache_ttl, **cache_options)  # type: ignore[arg-type]
+    usage = RedisUsage(client, key_prefix=settings.redis_key_prefix)
+    changes = RedisTokenChanges(store, shared_tokens, local_cache=tokens)
+    return Core(
+        settings=settings,
+        store=store,
+        hasher=hasher,
+        tokens=tokens,
+        usage=UsageRecorder(usage, interval=settings.usage_flush_interval),
+        client_ips=client_ips,
+        changes=changes,
+        shared=SharedCache(
+            client=client,
+            tokens=shared_tokens,
+            listener=InvalidationListener(client, shared_tokens, tokens),
+            changes=changes,
+            usage_drainer=UsageDrainer(usage, store, interval=settings.usage_flush_interval),
+        ),
+    )

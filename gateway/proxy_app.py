@@ -6,8 +6,6 @@ allowed ranges (ranges.py) -> access level (access_levels.py) -> usage (usage.py
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -17,6 +15,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from gateway.access_levels import normalize_path
 from gateway.authenticator import Authenticator
+from gateway.background import background_task
 from gateway.core import Core, core_key
 from gateway.credentials import presented_token
 from gateway.forward import UpstreamForwarder, upstream_request_headers
@@ -96,19 +95,14 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
-async def _usage_writer(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(app[core_key].usage.run(), name="usage-writer")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 def create_proxy_app(core: Core) -> web.Application:
     app = web.Application(middlewares=[problem_middleware], handler_args={"max_field_size": 16384})
     app[core_key] = core
     app[authenticator_key] = Authenticator(core.tokens, core.hasher, prefix=core.settings.token_prefix)
     app.cleanup_ctx.append(_upstream_session)
-    app.cleanup_ctx.append(_usage_writer)
+    app.cleanup_ctx.append(background_task("usage-writer", lambda app: app[core_key].usage.run()))
+    if core.shared is not None:
+        listener = core.shared.listener
+        app.cleanup_ctx.append(background_task("token-change-listener", lambda app: listener.run()))
     app.router.add_route("*", "/{path:.*}", proxy_request)
     return app

@@ -23,7 +23,7 @@ def normalize_range(text: str) -> str:
     except (netaddr.AddrFormatError, ValueError, TypeError):
         raise RangeError(f"{text!r} is not an IPv4/IPv6 address or CIDR") from None
     width = 32 if ip.version == 4 else 128
-    if slash and (not prefix.isdigit() or len(prefix) > 3 or int(prefix) > width):
+    if slash and (not (prefix.isascii() and prefix.isdigit()) or len(prefix) > 3 or int(prefix) > width):
         raise RangeError(f"{text!r} has an invalid prefix length /{prefix}")
     network = netaddr.IPNetwork(f"{ip}/{int(prefix) if slash else width}").cidr
     if network.version == 6 and network.prefixlen >= 96 and network.ip.is_ipv4_mapped():

@@ -69,6 +69,9 @@ class Settings:
     usage_flush_interval: float
     cache_max_entries: int
     negative_cache_ttl: float
+    cache_ttl: float
+    redis_key_prefix: str
+    redis_entry_ttl: float
     shutdown_timeout: float
     log_level: str
     access_log: bool
@@ -149,7 +152,7 @@ def _as_upstream(raw: Any) -> str:
 def parse_listen_address(raw: Any) -> ListenAddress:
     text = _as_str(raw).strip()
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit():
+    if not sep or not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"must be HOST:PORT, got {text!r}")
     port = int(port_text)
     if not 0 <= port <= 65535:
@@ -208,6 +211,13 @@ def _as_prefix(raw: Any) -> str:
     return text
 
 
+def _as_key_prefix(raw: Any) -> str:
+    text = _as_str(raw)
+    if not 1 <= len(text) <= 64 or any(char.isspace() for char in text):
+        raise ValueError("must be 1-64 characters without spaces")
+    return text
+
+
 def _as_log_level(raw: Any) -> str:
     text = _as_str(raw).upper()
     if text not in logging.getLevelNamesMapping():
@@ -229,6 +239,9 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "usage_flush_interval": _as_float(0.05, 10),
     "cache_max_entries": _as_int(1, 100_000_000),
     "negative_cache_ttl": _as_float(0, 3600),
+    "cache_ttl": _as_float(0.1, 60),
+    "redis_key_prefix": _as_key_prefix,
+    "redis_entry_ttl": _as_float(1, 86400),
     "shutdown_timeout": _as_float(0, 3600),
     "log_level": _as_log_level,
     "access_log": _as_bool,
@@ -330,6 +343,9 @@ def load_settings(
         usage_flush_interval=values["usage_flush_interval"],
         cache_max_entries=values["cache_max_entries"],
         negative_cache_ttl=values["negative_cache_ttl"],
+        cache_ttl=values["cache_ttl"],
+        redis_key_prefix=values["redis_key_prefix"],
+        redis_entry_ttl=values["redis_entry_ttl"],
         shutdown_timeout=values["shutdown_timeout"],
         log_level=values["log_level"],
         access_log=values["access_log"],

@@ -5,21 +5,31 @@ float, and the memo digests of secrets already verified with argon2. Entries are
 read per token id, however many requests wait for it) and replaced write-through when the admin API commits a
 change, so a change holds on the very next request. An unknown id is remembered for `negative_ttl` seconds, so
 a flood of random ids costs the store one read per id, not one per request.
+
+With several processes (Redis), changes arrive as invalidations; `ttl` then bounds how long an entry is
+trusted if an invalidation is lost. A refreshed entry keeps its memo digests while the hashes are unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import netaddr
 
 from gateway.access_levels import AccessLevel
 from gateway.ranges import compile_ranges
-from gateway.store.base import TokenStore
+
+
+class TokenSource(Protocol):
+    """Where entries are filled from: the store itself, or Redis in front of it."""
+
+    async def get_token(self, token_id: str) -> TokenRecord | None: ...
 from gateway.tokens import TokenRecord, TokenStatus
 
 
@@ -31,6 +41,7 @@ class CachedToken:
     enabled: bool
     expires_at: float | None
     previous_secret_until: float | None
+    loaded_at: float = 0.0  # monotonic; an entry older than the cache's ttl is refreshed before use
     memo_current: bytes | None = None
     memo_previous: bytes | None = None
     verifications: dict[bytes, asyncio.Future[bool]] = field(default_factory=dict)
@@ -43,13 +54,15 @@ def _timestamp(record_time: object) -> float | None:
 class TokenCache:
     def __init__(
         self,
-        store: TokenStore,
+        store: TokenSource,
         access_levels: Mapping[str, AccessLevel],
         *,
         max_entries: int = 100_000,
         negative_ttl: float = 5.0,
+        ttl: float | None = None,
     ) -> None:
         self._store = store
+        self._ttl = ttl
         self._levels = access_levels
         self._max_entries = max_entries
         self._negative_ttl = negative_ttl
@@ -69,18 +82,21 @@ class TokenCache:
             entry = self._entries.get(token_id)
             if entry is not None:
                 if type(entry) is CachedToken:
-                    self._entries.move_to_end(token_id)
-                    return entry
-                if entry > time.monotonic():  # type: ignore[operator]
+                    if self._ttl is None or time.monotonic() - entry.loaded_at < self._ttl:
+                        self._entries.move_to_end(token_id)
+                        return entry
+                    # Stale: refresh it below, keeping it meanwhile so its memo can be carried over.
+                elif entry > time.monotonic():  # type: ignore[operator]
                     return None
-                del self._entries[token_id]
+                else:
+                    del self._entries[token_id]
             load = self._loads.get(token_id)
             if load is None:
                 load = asyncio.ensure_future(self._store.get_token(token_id))
                 self._loads[token_id] = load
                 load.add_done_callback(lambda done, key=token_id: self._settle(key, done))
             record = await asyncio.shield(load)  # a failed read raises here, for every waiter
-            if token_id in self._entries:
+            if self._is_fresh(token_id):
                 continue  # settled, or overtaken by a newer write-through: the loop reads the entry
             if record is None:
                 return None
@@ -93,11 +109,22 @@ class TokenCache:
         if load.cancelled() or load.exception() is not None:
             return
         record = load.result()
+        current = self._entries.get(token_id)
+        previous = current if isinstance(current, CachedToken) else None
         if record is None:
+            self._entries.pop(token_id, None)
             if self._negative_ttl > 0:
                 self._insert(token_id, time.monotonic() + self._negative_ttl)
+        elif previous is not None and previous.record.version > record.version:
+            previous.loaded_at = time.monotonic()  # we already know a newer version than the source told us
         else:
-            self._insert(token_id, self._build(record, None))
+            self._insert(token_id, self._build(record, previous))
+
+    def _is_fresh(self, token_id: str) -> bool:
+        entry = self._entries.get(token_id)
+        if type(entry) is CachedToken:
+            return self._ttl is None or time.monotonic() - entry.loaded_at < self._ttl
+        return entry is not None
 
     def apply(self, record: TokenRecord) -> None:
         """Write-through after the store committed a change: the next request sees `record`."""
@@ -115,6 +142,24 @@ class TokenCache:
         if self._negative_ttl > 0:
             self._insert(token_id, time.monotonic() + self._negative_ttl)
 
+    def invalidate(self, token_id: str) -> None:
+        """Another process changed the token: refresh it before its next use (and drop a read in flight)."""
+        self._loads.pop(token_id, None)
+        entry = self._entries.get(token_id)
+        if isinstance(entry, CachedToken):
+            entry.loaded_at = -math.inf
+        elif entry is not None:
+            del self._entries[token_id]
+
+    def invalidate_all(self) -> None:
+        """After lost invalidations: every entry is refreshed before its next use, memos kept where valid."""
+        self._loads.clear()
+        for token_id, entry in list(self._entries.items()):
+            if isinstance(entry, CachedToken):
+                entry.loaded_at = -math.inf
+            else:
+                del self._entries[token_id]
+
     def clear(self) -> None:
         self._loads.clear()
         self._entries.clear()
@@ -128,6 +173,7 @@ class TokenCache:
     def _build(self, record: TokenRecord, previous: CachedToken | None) -> CachedToken:
         entry = CachedToken(
             record=record,
+            loaded_at=time.monotonic(),
             ip_ranges=compile_ranges(record.allowed_ip_ranges),
             access_level=self._levels.get(record.access_level),
             enabled=record.status is TokenStatus.ENABLED,

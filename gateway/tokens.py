@@ -112,3 +112,33 @@ class AdminKeyRecord:
     role: str
     created_at: datetime
     key_hash: str = field(repr=False)
+
+
+def record_to_json(record: TokenRecord) -> dict[str, Any]:
+    """The whole record, hashes included, for the shared cache (Redis). Never a secret."""
+    return {
+        **record.view(),
+        "secret_hash": record.secret_hash,
+        "previous_secret_hash": record.previous_secret_hash,
+        "version": record.version,
+    }
+
+
+def record_from_json(data: dict[str, Any]) -> TokenRecord:
+    return TokenRecord(
+        id=data["id"],
+        name=data["name"],
+        access_level=data["access_level"],
+        allowed_ip_ranges=tuple(data["allowed_ip_ranges"]),
+        status=TokenStatus(data["status"]),
+        expires_at=parse_stored_time(data["expires_at"]),
+        created_at=parse_stored_time(data["created_at"]),  # type: ignore[arg-type]
+        updated_at=parse_stored_time(data["updated_at"]),  # type: ignore[arg-type]
+        rotated_at=parse_stored_time(data["rotated_at"]),
+        last_used_at=parse_stored_time(data["last_used_at"]),
+        last_used_ip=data["last_used_ip"],
+        secret_hash=data["secret_hash"],
+        previous_secret_hash=data["previous_secret_hash"],
+        previous_secret_expires_at=parse_stored_time(data["previous_secret_expires_at"]),
+        version=data["version"],
+    )

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Protocol
 
 import netaddr
 
@@ -14,9 +16,15 @@ from gateway.store.base import TokenStore
 log = logging.getLogger(__name__)
 
 
+class UsageSink(Protocol):
+    async def record_usage(self, usage: Mapping[str, tuple[datetime, str]]) -> None: ...
+
+
 class UsageRecorder:
-    def __init__(self, store: TokenStore, *, interval: float = 5.0) -> None:
-        self._store = store
+    """Writes to the store in one process, or merges into Redis when several proxies share it."""
+
+    def __init__(self, sink: UsageSink, *, interval: float = 5.0) -> None:
+        self._store = sink
         self._interval = interval
         self._pending: dict[str, tuple[float, netaddr.IPAddress | None]] = {}
         self.flushes = 0
@@ -48,3 +56,31 @@ class UsageRecorder:
                 await self.flush()
         finally:
             await asyncio.shield(self.flush())
+
+
+class RedisUsageSource(Protocol):
+    async def take(self) -> dict[str, tuple[datetime, str]]: ...
+
+
+class UsageDrainer:
+    """In the admin process: moves the usage that proxies merged into Redis into the store, in batches."""
+
+    def __init__(self, source: RedisUsageSource, store: TokenStore, *, interval: float = 5.0) -> None:
+        self._source = source
+        self._store = store
+        self._interval = interval
+
+    async def drain(self) -> int:
+        usage = await self._source.take()
+        if usage:
+            await self._store.record_usage(usage)
+        return len(usage)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.drain()
+            except Exception:
+                log.warning("could not move usage from Redis to the store; will retry", exc_info=True)
+

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from admin_api.app import create_admin_app
 from gateway.core import Core, open_core
 from gateway.proxy_app import create_proxy_app
 from gateway.settings import Settings, load_settings
+from tests.redis_server import RedisServer
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
 # Cheap argon2 parameters keep the suite fast; the code path is the same as with the defaults.
@@ -87,8 +89,6 @@ def _upstream_app(upstream_state: list[Upstream]) -> web.Application:
         return web.Response(status=code, text="" if code in (204, 304) else json.dumps({"status": code}))
 
     async def slow(request: web.Request) -> web.Response:
-        import asyncio
-
         await asyncio.sleep(float(request.query.get("seconds", "5")))
         return web.json_response({"slow": True})
 
@@ -99,6 +99,25 @@ def _upstream_app(upstream_state: list[Upstream]) -> web.Application:
     app.router.add_get("/slow", slow)
     app.router.add_route("*", "/{path:.*}", echo)
     return app
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the whole suite; tests that kill Redis start their own."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The shared redis-server, emptied for this test."""
+    import redis
+
+    with redis.Redis(port=redis_server.port) as client:
+        client.flushall()
+    return redis_server.url
 
 
 @pytest.fixture
@@ -143,8 +162,9 @@ class Gateway:
         """Stop both planes and close the store, as a process exit would."""
         if not self.closed:
             self.closed = True
-            await self.proxy.close()
-            await self.admin.close()
+            for client in (self.proxy, self.admin):
+                if client is not None:
+                    await client.close()
             await self._core_context.__aexit__(None, None, None)
 
     @property
@@ -179,15 +199,18 @@ async def start_gateway(
     """Starts a gateway on the test's SQLite file; call it again after closing one to 'restart'."""
     started: list[Gateway] = []
 
-    async def start(**overrides: Any) -> Gateway:
+    async def start(planes: tuple[str, ...] = ("proxy", "admin"), **overrides: Any) -> Gateway:
+        """`planes` picks what this 'process' runs, as `gateway proxy` or `gateway admin` would."""
         settings = make_settings(**overrides)
         context = open_core(settings)
         core = await context.__aenter__()
         authenticator = AdminAuthenticator(core.store, core.hasher, prefix=settings.token_prefix)
         await authenticator.bootstrap(settings.admin_key)
-        proxy = await aiohttp_client(create_proxy_app(core))
-        admin = await aiohttp_client(create_admin_app(core, authenticator))
-        started.append(Gateway(core, proxy, admin, settings.database_path, context))
+        proxy = await aiohttp_client(create_proxy_app(core)) if "proxy" in planes else None
+        admin = await aiohttp_client(create_admin_app(core, authenticator)) if "admin" in planes else None
+        started.append(Gateway(core, proxy, admin, settings.database_path, context))  # type: ignore[arg-type]
+        if core.shared is not None and proxy is not None:
+            await asyncio.wait_for(core.shared.listener.connected.wait(), timeout=10)
         return started[-1]
 
     yield start
@@ -202,8 +225,6 @@ async def gateway(start_gateway: GatewayFactory) -> Gateway:
 
 async def send_raw(client: TestClient, request: bytes) -> tuple[int, bytes]:
     """Send bytes exactly as written (no client-side URL normalization) and return status and raw reply."""
-    import asyncio
-
     reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
     try:
         writer.write(request)
@@ -213,3 +234,12 @@ async def send_raw(client: TestClient, request: bytes) -> tuple[int, bytes]:
         writer.close()
     status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
     return status, reply
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, attempts: int = 500, pause: float = 0.01) -> None:
+    """Retry `check` until it holds; bounded in count, and it asserts an outcome, never a duration."""
+    for _ in range(attempts):
+        if await check():
+            return
+        await asyncio.sleep(pause)
+    raise AssertionError("the expected state was never reached")

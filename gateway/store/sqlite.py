@@ -67,6 +67,12 @@ MIGRATIONS: tuple[str, ...] = (
         key_hash TEXT NOT NULL
     );
     """,
+    """
+    CREATE TABLE token_changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        token_id TEXT NOT NULL
+    );
+    """,
 )
 
 _COLUMN_NAMES = (
@@ -150,8 +156,12 @@ def _event_from_row(row: sqlite3.Row) -> AuditEvent:
 
 
 class SQLiteStore:
-    def __init__(self, path: str | Path) -> None:
+    """`record_changes` keeps an outbox of changed token ids, written in each change's transaction, that the
+    admin process delivers to Redis: a change committed while Redis was down is still delivered later."""
+
+    def __init__(self, path: str | Path, *, record_changes: bool = False) -> None:
         self.path = Path(path)
+        self.record_changes = record_changes
         self.reads = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._connection: sqlite3.Connection | None = None
@@ -211,6 +221,7 @@ class SQLiteStore:
                     _token_row(record),
                 )
                 _insert_event(connection, event)
+                self._note_change(connection, record.id)
 
         await self._run(insert)
 
@@ -272,6 +283,7 @@ class SQLiteStore:
                     (*(values[column] for column in _CHANGEABLE_COLUMNS), token_id),
                 )
                 _insert_event(connection, event)
+                self._note_change(connection, token_id)
                 return changed
 
         return await self._run(apply)
@@ -282,6 +294,7 @@ class SQLiteStore:
                 if connection.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount == 0:
                     raise TokenNotFound(token_id)
                 _insert_event(connection, event)
+                self._note_change(connection, token_id)
 
         await self._run(delete)
 
@@ -298,6 +311,22 @@ class SQLiteStore:
 
         if rows:
             await self._run(write)
+
+    def _note_change(self, connection: sqlite3.Connection, token_id: str) -> None:
+        if self.record_changes:
+            connection.execute("INSERT INTO token_changes (token_id) VALUES (?)", (token_id,))
+
+    async def pending_changes(self, limit: int = 1000) -> list[tuple[int, str]]:
+        def query(connection: sqlite3.Connection) -> list[tuple[int, str]]:
+            rows = connection.execute(
+                "SELECT seq, token_id FROM token_changes ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+            return [(row["seq"], row["token_id"]) for row in rows]
+
+        return await self._run(query)
+
+    async def acknowledge_changes(self, up_to_seq: int) -> None:
+        await self._run(lambda connection: connection.execute("DELETE FROM token_changes WHERE seq <= ?", (up_to_seq,)))
 
     # --- audit -----------------------------------------------------------------------------------------
 

@@ -1,0 +1,80 @@
+"""Each proxy process listens for token changes on Redis pub/sub and refreshes what it holds.
+
+If the subscription drops, the process notices (the read fails or the health-check ping does), keeps serving
+with entries no older than the cache ttl, reconnects with backoff, and on reconnect marks every entry stale:
+whatever was published while it was away is picked up on next use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from gateway.redis_tokens import RedisTokens
+from gateway.token_cache import TokenCache
+
+log = logging.getLogger(__name__)
+
+
+class InvalidationListener:
+    def __init__(
+        self,
+        client: redis.Redis,
+        tokens: RedisTokens,
+        cache: TokenCache,
+        *,
+        distrust_after_reconnect: float = 2.0,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self._client = client
+        self._tokens = tokens
+        self._cache = cache
+        self._distrust = distrust_after_reconnect
+        self._max_backoff = max_backoff
+        self.connected = asyncio.Event()
+        self.subscriptions = 0
+        self.messages = 0
+
+    async def run(self) -> None:
+        backoff = 0.05
+        first = True
+        while True:
+            pubsub = self._client.pubsub()
+            try:
+                await pubsub.subscribe(self._tokens.keys.changes_channel)
+                # The subscribe confirmation proves the connection; only then is the cache trusted again.
+                while (await pubsub.get_message(timeout=1.0)) is None:
+                    pass
+                if not first:
+                    self._cache.invalidate_all()
+                    self._tokens.distrust_for(self._distrust)
+                    log.info("token change channel reconnected; cached tokens will be refreshed")
+                first = False
+                self.subscriptions += 1
+                self.connected.set()
+                backoff = 0.05
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is None:
+                        await pubsub.ping()  # a dead connection shows itself here, within a second or so
+                        continue
+                    if message.get("type") == "message":
+                        self.messages += 1
+                        self._cache.invalidate(message["data"].decode())
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as error:
+                if self.connected.is_set():
+                    log.warning("token change channel lost (%s); reconnecting", type(error).__name__)
+                self.connected.clear()
+                first = False
+                await asyncio.sleep(backoff)
+                backoff = min(self._max_backoff, backoff * 2)
+            finally:
+                try:
+                    await asyncio.shield(pubsub.aclose())
+                except (RedisError, OSError):
+                    pass

@@ -1,0 +1,182 @@
+"""Redis as the cache shared by every process: token entries, the change channel, and usage.
+
+Entries are `<version>|<record JSON>` (argon2 hashes, never a secret) or `<version>|deleted`. Every write goes
+through one Lua script that refuses to replace a newer version, so a cache fill that read the store before a
+change can never overwrite what the change wrote. A deleted token leaves a tombstone whose version beats any
+fill. Redis is a cache: when it does not answer, callers fall back to the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.store.base import TokenStore
+from gateway.tokens import TokenRecord, record_from_json, record_to_json
+
+log = logging.getLogger(__name__)
+
+TOMBSTONE_VERSION = 2**62  # beats any real version: ids are never reused
+TOMBSTONE_TTL_SECONDS = 24 * 3600
+
+# KEYS[1] = entry; ARGV = version, payload, ttl seconds. Writes only over an older version (or nothing).
+_SET_IF_NEWER = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local stored = tonumber(string.match(current, '^(%d+)|'))
+  if stored and stored >= tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'EX', tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS[1] = usage hash; ARGV = token id, "<unix time>|<ip>", ... Keeps the latest use per token.
+_MERGE_USAGE = """
+for i = 1, #ARGV, 2 do
+  local current = redis.call('HGET', KEYS[1], ARGV[i])
+  if (not current) or tonumber(string.match(current, '^([^|]+)|')) < tonumber(string.match(ARGV[i + 1], '^([^|]+)|')) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return 1
+"""
+
+# KEYS[1] = usage hash: read and clear it atomically.
+_TAKE_USAGE = """
+local all = redis.call('HGETALL', KEYS[1])
+redis.call('DEL', KEYS[1])
+return all
+"""
+
+
+def connect(url: str, *, timeout: float = 0.5) -> redis.Redis:
+    """A client that fails fast instead of retrying: a slow Redis must not hold requests up."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=5,
+    )
+
+
+class RedisKeys:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.changes_channel = f"{prefix}token-changes"
+        self.usage = f"{prefix}usage"
+
+    def token(self, token_id: str) -> str:
+        return f"{self.prefix}token:{token_id}"
+
+
+class RedisTokens:
+    """Shared token entries in Redis, in front of the store. Fails over to the store, never open."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        store: TokenStore,
+        *,
+        key_prefix: str = "gateway:",
+        entry_ttl: float = 300.0,
+        retry_after: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.keys = RedisKeys(key_prefix)
+        self._store = store
+        self._entry_ttl = max(1, int(entry_ttl))
+        self._retry_after = retry_after
+        self._set_if_newer = client.register_script(_SET_IF_NEWER)
+        self._skip_redis_until = 0.0
+        self.redis_reads = 0
+        self.fills = 0
+
+    @property
+    def reads(self) -> int:
+        return self._store.reads
+
+    def distrust_for(self, seconds: float) -> None:
+        """Read the store directly for a while (after a reconnect, Redis may hold what a lost change missed)."""
+        self._skip_redis_until = max(self._skip_redis_until, time.monotonic() + seconds)
+
+    def _redis_failed(self, what: str, error: Exception) -> None:
+        if time.monotonic() >= self._skip_redis_until:
+            log.warning("redis %s failed (%s); using the store for %.1fs", what, type(error).__name__, self._retry_after)
+        self._skip_redis_until = time.monotonic() + self._retry_after
+
+    async def get_token(self, token_id: str) -> TokenRecord | None:
+        """The token from Redis, else from the store (then written to Redis unless a newer entry is there)."""
+        use_redis = time.monotonic() >= self._skip_redis_until
+        if use_redis:
+            try:
+                raw = await self.client.get(self.keys.token(token_id))
+                self.redis_reads += 1
+            except (RedisError, OSError) as error:
+                self._redis_failed("read", error)
+                use_redis = False
+            else:
+                if raw is not None:
+                    _, _, payload = raw.partition(b"|")
+                    return None if payload == b"deleted" else record_from_json(json.loads(payload))
+        record = await self._store.get_token(token_id)
+        if use_redis and record is not None:
+            try:
+                await self.write(record)
+                self.fills += 1
+            except (RedisError, OSError) as error:
+                self._redis_failed("fill", error)
+        return record
+
+    async def write(self, record: TokenRecord) -> bool:
+        payload = json.dumps(record_to_json(record), separators=(",", ":"))
+        result = await self._set_if_newer(
+            keys=[self.keys.token(record.id)], args=[record.version, payload, self._entry_ttl]
+        )
+        return bool(result)
+
+    async def write_tombstone(self, token_id: str) -> None:
+        await self._set_if_newer(
+            keys=[self.keys.token(token_id)], args=[TOMBSTONE_VERSION, "deleted", TOMBSTONE_TTL_SECONDS]
+        )
+
+    async def publish(self, token_ids: Iterable[str]) -> None:
+        for token_id in token_ids:
+            await self.client.publish(self.keys.changes_channel, token_id)
+
+    async def raw_entry(self, token_id: str) -> bytes | None:
+        value: bytes | None = await self.client.get(self.keys.token(token_id))
+        return value
+
+
+class RedisUsage:
+    """Usage shared across replicas: each proxy merges its batch into one hash; the admin process drains it."""
+
+    def __init__(self, client: redis.Redis, *, key_prefix: str = "gateway:") -> None:
+        self._client = client
+        self._key = RedisKeys(key_prefix).usage
+        self._merge = client.register_script(_MERGE_USAGE)
+        self._take = client.register_script(_TAKE_USAGE)
+
+    async def record_usage(self, usage: Mapping[str, tuple[datetime, str]]) -> None:
+        args: list[str] = []
+        for token_id, (at, ip) in usage.items():
+            args += [token_id, f"{at.timestamp():.6f}|{ip}"]
+        if args:
+            await self._merge(keys=[self._key], args=args)
+
+    async def take(self) -> dict[str, tuple[datetime, str]]:
+        flat = await self._take(keys=[self._key])
+        usage: dict[str, tuple[datetime, str]] = {}
+        for token_id, value in zip(flat[::2], flat[1::2], strict=True):
+            at, _, ip = value.decode().partition("|")
+            usage[token_id.decode()] = (datetime.fromtimestamp(float(at), UTC), ip)
+        return usage

@@ -1,0 +1,104 @@
+"""How a committed token change reaches every proxy.
+
+In one process, the admin API writes the change straight into the token cache. With Redis, each change is
+also in the store's outbox (written in the same transaction); delivering it means writing the current record
+(or a tombstone) to Redis, publishing the id on the change channel, then acknowledging the outbox. Delivery is
+attempted at once, before the admin API answers, and retried every second until Redis takes it, so a change
+made while Redis is down still arrives when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from redis.exceptions import RedisError
+
+from gateway.redis_tokens import RedisTokens
+from gateway.store.base import TokenStore
+from gateway.token_cache import TokenCache
+from gateway.tokens import TokenRecord
+
+log = logging.getLogger(__name__)
+
+
+class TokenChanges(Protocol):
+    async def changed(self, record: TokenRecord) -> None: ...
+
+    async def deleted(self, token_id: str) -> None: ...
+
+
+class LocalTokenChanges:
+    """One process: write the change through to the in-process cache."""
+
+    def __init__(self, cache: TokenCache) -> None:
+        self._cache = cache
+
+    async def changed(self, record: TokenRecord) -> None:
+        self._cache.apply(record)
+
+    async def deleted(self, token_id: str) -> None:
+        self._cache.forget(token_id)
+
+
+class RedisTokenChanges:
+    """Many processes: deliver the store's outbox to Redis, then to every proxy by pub/sub."""
+
+    def __init__(
+        self,
+        store: TokenStore,
+        tokens: RedisTokens,
+        *,
+        local_cache: TokenCache | None = None,
+        delivery_timeout: float = 1.0,
+    ) -> None:
+        self._store = store
+        self._tokens = tokens
+        self._local = local_cache
+        self._delivery_timeout = delivery_timeout
+        self._lock = asyncio.Lock()
+        self.delivered = 0
+
+    async def changed(self, record: TokenRecord) -> None:
+        if self._local is not None:
+            self._local.apply(record)
+        await self._deliver_soon()
+
+    async def deleted(self, token_id: str) -> None:
+        if self._local is not None:
+            self._local.forget(token_id)
+        await self._deliver_soon()
+
+    async def _deliver_soon(self) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(self.deliver()), timeout=self._delivery_timeout)
+        except (RedisError, OSError, asyncio.TimeoutError) as error:
+            log.warning("token change committed but not yet delivered to Redis (%s); retrying", type(error).__name__)
+
+    async def deliver(self) -> int:
+        """Deliver every pending change; returns how many token ids were published."""
+        async with self._lock:
+            pending = await self._store.pending_changes()
+            if not pending:
+                return 0
+            token_ids = list(dict.fromkeys(token_id for _, token_id in pending))
+            for token_id in token_ids:
+                record = await self._store.get_token(token_id)
+                if record is None:
+                    await self._tokens.write_tombstone(token_id)
+                else:
+                    await self._tokens.write(record)
+            await self._tokens.publish(token_ids)
+            await self._store.acknowledge_changes(pending[-1][0])
+            self.delivered += len(token_ids)
+            return len(token_ids)
+
+    async def run(self, interval: float = 1.0) -> None:
+        """Retry delivery until cancelled (it only has work after Redis was unreachable)."""
+        while True:
+            try:
+                await self.deliver()
+            except (RedisError, OSError) as error:
+                log.debug("outbox delivery failed: %s", type(error).__name__)
+            await asyncio.sleep(interval)
