@@ -60,6 +60,8 @@ class Authenticator:
             return True
         if digests_equal(entry.memo_previous, digest):
             return self._in_grace(entry)
+        if any(digests_equal(revoked, digest) for revoked in entry.memo_revoked):
+            return False  # a secret this process saw verified before a rotation replaced it
         pending = entry.verifications.get(digest)
         if pending is None:
             pending = asyncio.ensure_future(self._verify(entry, token.secret, digest))

@@ -1,10 +1,16 @@
-"""The command line and composition root: the only module that knows both planes."""
+"""The command line and composition root: the only module that knows both planes.
+
+    gateway serve                    proxy and admin API in one process (the embedded default)
+    gateway proxy [--workers N]      the data plane only; N processes share the port (SO_REUSEPORT)
+    gateway admin                    the control plane only
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import multiprocessing
 import signal
 import sys
 from collections.abc import Sequence
@@ -22,107 +28,173 @@ from gateway.settings import ListenAddress, Settings, SettingsError, load_settin
 
 log = logging.getLogger("gateway")
 
-FLAG_SETTINGS = ("upstream", "proxy_listen", "admin_listen", "database_url", "trusted_proxies", "log_level")
+FLAG_SETTINGS = (
+    "upstream", "proxy_listen", "admin_listen", "database_url", "redis_url", "trusted_proxies", "log_level"
+)
+PLANES = {"serve": ("proxy", "admin"), "proxy": ("proxy",), "admin": ("admin",)}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="API-token authentication gateway")
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the proxy and the admin API in one process")
-    serve.add_argument("--config", help="TOML config file (default: $GATEWAY_CONFIG, else built-in defaults)")
-    for name in FLAG_SETTINGS:
-        serve.add_argument("--" + name.replace("_", "-"), dest=name, metavar=name.upper())
-    serve.add_argument(
-        "--demo-upstream",
-        metavar="HOST:PORT",
-        nargs="?",
-        const="127.0.0.1:8090",
-        help="also run a demo upstream that echoes requests (default 127.0.0.1:8090) and use it as upstream",
-    )
+    helps = {
+        "serve": "run the proxy and the admin API in one process",
+        "proxy": "run the proxy only (with GATEWAY_REDIS_URL, beside a separate admin process)",
+        "admin": "run the admin API only (with GATEWAY_REDIS_URL, beside separate proxy processes)",
+    }
+    for command, text in helps.items():
+        sub = commands.add_parser(command, help=text)
+        sub.add_argument("--config", help="TOML config file (default: $GATEWAY_CONFIG, else built-in defaults)")
+        for name in FLAG_SETTINGS:
+            sub.add_argument("--" + name.replace("_", "-"), dest=name, metavar=name.upper())
+        if command == "serve":
+            sub.add_argument(
+                "--demo-upstream",
+                metavar="HOST:PORT",
+                nargs="?",
+                const="127.0.0.1:8090",
+                help="also run a demo upstream that echoes requests (default 127.0.0.1:8090) and use it",
+            )
+        if command == "proxy":
+            sub.add_argument("--workers", type=int, default=1, help="proxy processes sharing the port")
     return parser
 
 
 def _configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
         stream=sys.stderr,
+        force=True,
     )
 
 
-async def _start_site(runner: web.AppRunner, where: ListenAddress, shutdown_timeout: float) -> None:
+async def _start_site(
+    runner: web.AppRunner, where: ListenAddress, shutdown_timeout: float, *, reuse_port: bool = False
+) -> None:
     await runner.setup()
-    site = web.TCPSite(runner, where.host, where.port, shutdown_timeout=shutdown_timeout, backlog=1024)
+    site = web.TCPSite(
+        runner, where.host, where.port, shutdown_timeout=shutdown_timeout, backlog=1024, reuse_port=reuse_port
+    )
     await site.start()
 
 
-async def serve(settings: Settings, demo_upstream: ListenAddress | None) -> None:
+async def run_planes(
+    settings: Settings,
+    planes: Sequence[str],
+    *,
+    demo_upstream: ListenAddress | None = None,
+    reuse_port: bool = False,
+) -> None:
+    """Run the given planes until SIGTERM or SIGINT, then drain in-flight requests and return."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
     runners: list[web.AppRunner] = []
-    if demo_upstream is not None:
-        runners.append(web.AppRunner(create_demo_upstream_app(), access_log=None))
-        await _start_site(runners[-1], demo_upstream, 1.0)
-        log.info("demo upstream listening on http://%s", demo_upstream)
+    access = settings.access_log
+    try:
+        if demo_upstream is not None:
+            runners.append(web.AppRunner(create_demo_upstream_app(), access_log=None))
+            await _start_site(runners[-1], demo_upstream, 1.0)
+            log.info("demo upstream listening on http://%s", demo_upstream)
 
-    async with open_core(settings) as core:
-        authenticator = AdminAuthenticator(core.store, core.hasher, prefix=settings.token_prefix)
-        generated = await authenticator.bootstrap(settings.admin_key)
-        if generated is not None:
-            print(
-                f"\nNo admin key was configured, so one was generated. It is shown only this once:\n\n"
-                f"    {generated}\n\nKeep it safe; set GATEWAY_ADMIN_KEY to choose your own.\n",
-                file=sys.stderr,
-                flush=True,
-            )
-        proxy = web.AppRunner(
-            create_proxy_app(core),
-            access_log_class=ProxyAccessLogger,
-            access_log=logging.getLogger("gateway.access") if settings.access_log else None,
-        )
-        admin = web.AppRunner(
-            create_admin_app(core, authenticator),
-            access_log=logging.getLogger("admin_api.access") if settings.access_log else None,
-        )
-        try:
-            await _start_site(proxy, settings.proxy_listen, settings.shutdown_timeout)
-            runners.insert(0, proxy)
-            await _start_site(admin, settings.admin_listen, settings.shutdown_timeout)
-            runners.insert(1, admin)
-            log.info(
-                "gateway listening: proxy on http://%s -> %s, admin API on http://%s",
-                settings.proxy_listen,
-                settings.upstream,
-                settings.admin_listen,
-            )
+        async with open_core(settings) as core:
+            if "admin" in planes:
+                authenticator = AdminAuthenticator(core.store, core.hasher, prefix=settings.token_prefix)
+                generated = await authenticator.bootstrap(settings.admin_key)
+                if generated is not None:
+                    print(
+                        "\nNo admin key was configured, so one was generated. It is shown only this once:\n\n"
+                        f"    {generated}\n\nKeep it safe; set GATEWAY_ADMIN_KEY to choose your own.\n",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                admin = web.AppRunner(
+                    create_admin_app(core, authenticator),
+                    access_log=logging.getLogger("admin_api.access") if access else None,
+                )
+                runners.insert(0, admin)
+                await _start_site(admin, settings.admin_listen, settings.shutdown_timeout)
+                log.info("admin API listening on http://%s", settings.admin_listen)
+            if "proxy" in planes:
+                proxy = web.AppRunner(
+                    create_proxy_app(core),
+                    access_log_class=ProxyAccessLogger,
+                    access_log=logging.getLogger("gateway.access") if access else None,
+                )
+                runners.insert(0, proxy)
+                await _start_site(proxy, settings.proxy_listen, settings.shutdown_timeout, reuse_port=reuse_port)
+                log.info("proxy listening on http://%s -> %s", settings.proxy_listen, settings.upstream)
             await stop.wait()
             log.info("stopping: draining in-flight requests (up to %gs)", settings.shutdown_timeout)
-        finally:
-            for runner in runners:
+            for runner in runners:  # the proxy first: it drains while the core is still open
                 await runner.cleanup()
+            runners.clear()
+    finally:
+        for runner in runners:
+            await runner.cleanup()
     log.info("stopped")
+
+
+def _proxy_worker(settings: Settings) -> None:
+    _configure_logging(settings)
+    try:
+        asyncio.run(run_planes(settings, ("proxy",), reuse_port=True))
+    except OSError as error:
+        print(f"gateway: cannot start: {error.strerror or error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _run_workers(settings: Settings, workers: int) -> int:
+    """The parent of `gateway proxy --workers N`: starts N processes on one port, relays SIGTERM, waits."""
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_proxy_worker, args=(settings,), name=f"proxy-{n}") for n in range(workers)]
+    for process in processes:
+        process.start()
+
+    def relay(signum: int, frame: object) -> None:
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                process.terminate()
+
+    signal.signal(signal.SIGTERM, relay)
+    signal.signal(signal.SIGINT, relay)
+    for process in processes:
+        process.join()
+    return max((process.exitcode or 0) for process in processes)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     arguments = _parser().parse_args(argv)
+    planes = PLANES[arguments.command]
     overrides: dict[str, Any] = {name: getattr(arguments, name) for name in FLAG_SETTINGS}
     demo: ListenAddress | None = None
+    workers = getattr(arguments, "workers", 1)
     try:
-        if arguments.demo_upstream is not None:
+        if getattr(arguments, "demo_upstream", None) is not None:
             demo = parse_listen_address(arguments.demo_upstream)
             overrides["upstream"] = overrides["upstream"] or f"http://{demo}"
         settings = load_settings(config_path=arguments.config, overrides=overrides)
-        settings.require_upstream()
+        if "proxy" in planes:
+            settings.require_upstream()
+        if arguments.command != "serve" and settings.redis_url is None:
+            raise SettingsError(
+                f"'gateway {arguments.command}' runs beside other gateway processes, which only hear of token"
+                " changes through Redis: set GATEWAY_REDIS_URL, or run 'gateway serve' for one process"
+            )
+        if not 1 <= workers <= 64:
+            raise SettingsError("--workers must be between 1 and 64")
     except (SettingsError, ValueError) as error:
         print(f"gateway: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     _configure_logging(settings)
+    if workers > 1:
+        raise SystemExit(_run_workers(settings, workers))
     try:
-        asyncio.run(serve(settings, demo))
+        asyncio.run(run_planes(settings, planes, demo_upstream=demo))
     except OSError as error:
         print(f"gateway: cannot start: {error.strerror or error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -44,6 +44,7 @@ class CachedToken:
     loaded_at: float = 0.0  # monotonic; an entry older than the cache's ttl is refreshed before use
     memo_current: bytes | None = None
     memo_previous: bytes | None = None
+    memo_revoked: tuple[bytes, ...] = ()  # digests of secrets this token had and no longer accepts
     verifications: dict[bytes, asyncio.Future[bool]] = field(default_factory=dict)
 
 
@@ -182,11 +183,21 @@ class TokenCache:
         )
         if previous is not None:
             # A memo proves knowledge of the secret behind a hash: it stays valid exactly as long as that hash.
+            # A digest of a secret whose hash is gone is remembered as revoked: answered without argon2.
             old = previous.record
+            revoked = list(previous.memo_revoked)
             if old.secret_hash == record.secret_hash:
                 entry.memo_current = previous.memo_current
                 if old.previous_secret_hash == record.previous_secret_hash:
                     entry.memo_previous = previous.memo_previous
-            elif record.previous_secret_hash == old.secret_hash:
-                entry.memo_previous = previous.memo_current
+                elif previous.memo_previous is not None:
+                    revoked.append(previous.memo_previous)
+            else:
+                if record.previous_secret_hash == old.secret_hash:
+                    entry.memo_previous = previous.memo_current
+                elif previous.memo_current is not None:
+                    revoked.append(previous.memo_current)
+                if previous.memo_previous is not None:
+                    revoked.append(previous.memo_previous)
+            entry.memo_revoked = tuple(revoked[-4:])
         return entry

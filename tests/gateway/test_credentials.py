@@ -103,3 +103,15 @@ async def test_unknown_token_ids_are_remembered_briefly(gateway: Gateway) -> Non
     for _ in range(10):
         assert (await gateway.call(unknown)).status == 401
     assert gateway.core.store.reads - reads == 1
+
+
+async def test_a_rotated_out_secret_is_refused_without_argon2_work(gateway: Gateway) -> None:
+    created = await gateway.create_token()
+    assert (await gateway.call(created["token"])).status == 200
+    status, _ = await gateway.admin_call("POST", f"/v1/tokens/{created['id']}/rotate")
+    assert status == 200
+    verifications = gateway.core.hasher.verify_calls
+    for _ in range(3):
+        response = await gateway.call(created["token"])
+        assert (await response.json())["code"] == "invalid_token"
+    assert gateway.core.hasher.verify_calls == verifications
