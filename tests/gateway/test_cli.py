@@ -167,3 +167,82 @@ async def test_sigterm_drains_in_flight_requests_then_exits_0(serve: Serve, upst
     assert await process.wait() == 0
     assert "stopped" in output
     assert admin_key not in output and token not in output
+
+
+@pytest.mark.parametrize("command", ["proxy", "admin"])
+async def test_separate_planes_without_redis_refuse_to_start(tmp_path: Path, command: str) -> None:
+    code, stderr = await _run_to_exit(tmp_path, command, GATEWAY_UPSTREAM="http://127.0.0.1:9")
+    assert code == 2
+    assert "GATEWAY_REDIS_URL" in stderr and stderr.strip().count("\n") == 0
+
+
+async def test_admin_process_and_two_proxy_workers_share_redis_and_the_store(
+    tmp_path: Path, upstream: Upstream, redis_url: str
+) -> None:
+    admin_key = "cli-test-admin-key-0123456789"
+    proxy_port, admin_port = _free_port(), _free_port()
+    environment = _environment(
+        tmp_path,
+        GATEWAY_UPSTREAM=upstream.url,
+        GATEWAY_REDIS_URL=redis_url,
+        GATEWAY_ADMIN_KEY=admin_key,
+        GATEWAY_PROXY_LISTEN=f"127.0.0.1:{proxy_port}",
+        GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{admin_port}",
+    )
+    admin = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "admin", env=environment)
+    proxy = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "proxy", "--workers", "2", env=environment
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(400):
+                try:
+                    async with session.get(f"http://127.0.0.1:{admin_port}/readyz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            async with session.post(
+                f"http://127.0.0.1:{admin_port}/v1/tokens",
+                json={"name": "workers", "access_level": "read_only"},
+                headers={"Authorization": f"Bearer {admin_key}"},
+            ) as response:
+                created = await response.json()
+            statuses = []
+            for _ in range(400):
+                try:
+                    async with session.get(
+                        f"http://127.0.0.1:{proxy_port}/api/x", headers={"Authorization": f"Bearer {created['token']}"}
+                    ) as response:
+                        statuses.append(response.status)
+                        if len(statuses) >= 20:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            assert statuses[-20:] == [200] * 20
+            async with session.post(
+                f"http://127.0.0.1:{admin_port}/v1/tokens/{created['id']}/disable",
+                headers={"Authorization": f"Bearer {admin_key}"},
+            ) as response:
+                assert response.status == 200
+            # Whichever worker answers, the token is now refused (each has heard of the change).
+            for _ in range(500):
+                codes = []
+                for _ in range(10):
+                    async with session.get(
+                        f"http://127.0.0.1:{proxy_port}/api/x", headers={"Authorization": f"Bearer {created['token']}"}
+                    ) as response:
+                        codes.append(response.status)
+                if codes == [401] * 10:
+                    break
+                await asyncio.sleep(0.01)
+            assert codes == [401] * 10
+        proxy.send_signal(signal.SIGTERM)
+        admin.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proxy.wait(), timeout=30) == 0
+        assert await asyncio.wait_for(admin.wait(), timeout=30) == 0
+    finally:
+        for process in (proxy, admin):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
