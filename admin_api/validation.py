@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
@@ -14,6 +15,8 @@ from gateway.ranges import MAX_RANGES, RangeError, normalize_ranges
 from gateway.tokens import TokenStatus, parse_rfc3339, utc_now
 
 NAME_MAX_LENGTH = 100
+# Controls (C0, DEL and C1, whose CSI can drive a terminal) and the Unicode line and paragraph separators.
+NAME_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Zl", "Zp"})
 MAX_GRACE_SECONDS = 7 * 24 * 3600
 MAX_PAGE_SIZE = 500
 
@@ -27,11 +30,14 @@ async def read_json_object(request: web.Request, allowed: Collection[str]) -> di
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise bad_request(None, f"The body is not valid JSON: {error}.", "invalid_json") from None
+    except RecursionError:  # json's decoder gives up on deep nesting this way, not with a ValueError
+        raise bad_request(None, "The body is nested too deeply.", "invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request(None, "The body must be a JSON object.", "invalid_json")
     for key in body:
         if key not in allowed:
-            raise bad_request(key, f"Unknown field '{key}'. Allowed: {', '.join(sorted(allowed))}.", "unknown_field")
+            allowed_text = f" Allowed: {', '.join(sorted(allowed))}." if allowed else " This request takes no fields."
+            raise bad_request(key[:64], f"Unknown field '{key[:64]}'.{allowed_text}", "unknown_field")
     return body
 
 
@@ -41,8 +47,8 @@ def parse_name(value: Any) -> str:
     name = value.strip()
     if not 1 <= len(name) <= NAME_MAX_LENGTH:
         raise bad_request("name", f"name must be 1 to {NAME_MAX_LENGTH} characters.", "invalid_name")
-    if any(ord(char) < 32 or ord(char) == 127 for char in name):
-        raise bad_request("name", "name must not contain control characters.", "invalid_name")
+    if any(unicodedata.category(char) in NAME_FORBIDDEN_CATEGORIES for char in name):
+        raise bad_request("name", "name must not contain control characters or line breaks.", "invalid_name")
     return name
 
 
@@ -50,7 +56,7 @@ def parse_access_level(value: Any, levels: Collection[str]) -> str:
     if not isinstance(value, str) or value not in levels:
         raise bad_request(
             "access_level",
-            f"Unknown access level {value!r}. Configured levels: {', '.join(levels)}.",
+            f"Unknown access level {str(value)[:64]!r}. Configured levels: {', '.join(levels)}.",
             "unknown_access_level",
         )
     return value
@@ -105,7 +111,8 @@ def query_parameters(request: web.Request, allowed: Collection[str]) -> Mapping[
 def parse_limit(text: str | None) -> int:
     if text is None:
         return 100
-    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE_SIZE:
+    # str.isdigit() also accepts '²' (which int() refuses) and '٣' (which it reads as 3): ASCII only.
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_PAGE_SIZE:
         raise bad_request("limit", f"limit must be an integer from 1 to {MAX_PAGE_SIZE}.", "invalid_parameter")
     return int(text)
 

@@ -31,14 +31,18 @@ def parse_rfc3339(text: str) -> datetime:
     if dot:  # Python parses at most six fractional digits
         digits = rest[: len(rest) - 6]
         normalized = f"{head}.{digits[:6].ljust(6, '0')}{rest[len(digits):]}"
-    return datetime.fromisoformat(normalized).astimezone(UTC)
+    try:
+        return datetime.fromisoformat(normalized).astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00 is in year 10000 once in UTC
+        raise ValueError("is outside the years 1 to 9999 in UTC") from None
 
 
 def format_time(moment: datetime | None) -> str | None:
     """UTC, microseconds, `Z`: one fixed width, so stored timestamps sort as text."""
     if moment is None:
         return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat pads the year to four digits; strftime's %Y does not on glibc (year 999 -> "999").
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_stored_time(text: str | None) -> datetime | None:

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.store.base import InvalidCursor, TokenChange, TokenNotFound
+from gateway.store.base import AdminKeyNotFound, InvalidCursor, LastAdminKey, TokenChange, TokenNotFound
 from gateway.tokens import (
     AdminKeyRecord,
     AuditEvent,
@@ -93,9 +93,10 @@ def _encode_cursor(seq: int) -> str:
 def _decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not text.startswith("s") or not text[1:].isdigit():
+        digits = text[1:]
+        if not text.startswith("s") or not (digits.isascii() and digits.isdigit()) or int(digits) >= 2**63:
             raise ValueError
-        return int(text[1:])
+        return int(digits)
     except ValueError:
         raise InvalidCursor("is not a cursor this API returned") from None
 
@@ -391,6 +392,23 @@ class SQLiteStore:
                     _insert_event(connection, event)
 
         await self._run(put)
+
+    async def delete_admin_key(self, key_id: str, event: AuditEvent) -> None:
+        def delete(connection: sqlite3.Connection) -> None:
+            with _transaction(connection):
+                row = connection.execute("SELECT role FROM admin_keys WHERE id = ?", (key_id,)).fetchone()
+                if row is None:
+                    raise AdminKeyNotFound(key_id)
+                if row["role"] == "admin":
+                    others = connection.execute(
+                        "SELECT COUNT(*) FROM admin_keys WHERE role = 'admin' AND id != ?", (key_id,)
+                    ).fetchone()[0]
+                    if others == 0:
+                        raise LastAdminKey(key_id)
+                connection.execute("DELETE FROM admin_keys WHERE id = ?", (key_id,))
+                _insert_event(connection, event)
+
+        await self._run(delete)
 
 
 class _transaction:
