@@ -1,60 +1,94 @@
-"""Who may use the admin API: bearer admin keys, stored as argon2 hashes and recognised by memo afterwards."""
+"""Who may use the admin API: bearer admin keys with a role, stored as argon2 hashes.
+
+Keys created through the API read `<prefix>adm_<id>_<secret>` (the token format, so secret scanners know them
+too) and are looked up by id; the bootstrap key (GATEWAY_ADMIN_KEY, or the one generated at first start) may
+be any string. A verified key is recognised afterwards by its memo digest, and a key that failed is remembered
+too, so neither costs argon2 work twice. The key list is read from the store on each request: a deleted key
+stops working at once, in every admin process.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
+from gateway.core import core_key
 from gateway.problems import GatewayError
 from gateway.secrets import SecretHasher
 from gateway.settings import Secret
 from gateway.store import TokenStore
-from gateway.token_format import random_base62
-from gateway.tokens import AdminKeyRecord, utc_now
+from gateway.token_format import parse_token, random_base62
+from gateway.tokens import AdminKeyRecord, AuditEvent, utc_now
 
 BOOTSTRAP_KEY_ID = "bootstrap"
+ROLES = ("admin", "viewer")
 ADMIN_REALM = 'Bearer realm="gateway-admin"'
-MAX_MEMO_ENTRIES = 1024
+MAX_KEY_LENGTH = 1024
+MEMO_ENTRIES = 4096
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json"})
+PUBLIC_PREFIXES = ("/page/",)
 
 log = logging.getLogger(__name__)
+
+
+def admin_key_prefix(token_prefix: str) -> str:
+    return f"{token_prefix}adm"
 
 
 def _unauthorized(code: str, detail: str) -> GatewayError:
     return GatewayError(401, code, detail, headers={"WWW-Authenticate": ADMIN_REALM})
 
 
+class _Memo:
+    """A bounded map from memo digest to the (key id, key hash) it was checked against."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
+
+    def get(self, digest: bytes) -> tuple[str, str] | None:
+        return self._entries.get(digest)
+
+    def put(self, digest: bytes, key_id: str, key_hash: str) -> None:
+        self._entries[digest] = (key_id, key_hash)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > MEMO_ENTRIES:
+            self._entries.popitem(last=False)
+
+
 class AdminAuthenticator:
     def __init__(self, store: TokenStore, hasher: SecretHasher, *, prefix: str) -> None:
         self._store = store
         self._hasher = hasher
-        self._prefix = prefix
-        self._keys: dict[str, AdminKeyRecord] = {}
-        self._memo: dict[bytes, str] = {}  # memo digest of a verified key -> admin key id
+        self._key_prefix = admin_key_prefix(prefix)
+        self._verified = _Memo()
+        self._failed = _Memo()
 
     async def bootstrap(self, configured: Secret | None) -> str | None:
         """Make sure an admin key exists. Returns a newly generated key, to be shown once, or None."""
-        self._keys = {key.id: key for key in await self._store.list_admin_keys()}
-        existing = self._keys.get(BOOTSTRAP_KEY_ID)
+        keys = {key.id: key for key in await self._store.list_admin_keys()}
+        existing = keys.get(BOOTSTRAP_KEY_ID)
         generated = None
         if configured is not None:
             secret = configured.reveal()
             if existing is not None and await self._hasher.verify(existing.key_hash, secret):
                 return None
-        elif self._keys:
+        elif keys:
             return None
         else:
-            secret = generated = f"{self._prefix}adm_{random_base62(43)}"
-        record = AdminKeyRecord(
-            id=BOOTSTRAP_KEY_ID,
-            name="bootstrap admin key",
-            role="admin",
-            created_at=utc_now() if existing is None else existing.created_at,
-            key_hash=await self._hasher.hash(secret),
+            secret = generated = f"{self._key_prefix}_{random_base62(43)}"
+        await self._store.put_admin_key(
+            AdminKeyRecord(
+                id=BOOTSTRAP_KEY_ID,
+                name="bootstrap admin key",
+                role="admin",
+                created_at=utc_now() if existing is None else existing.created_at,
+                key_hash=await self._hasher.hash(secret),
+            )
         )
-        await self._store.put_admin_key(record)
-        self._keys[record.id] = record
-        self._memo.clear()
         return generated
 
     async def authenticate(self, authorization: str | None) -> AdminKeyRecord:
@@ -62,31 +96,57 @@ class AdminAuthenticator:
         presented = presented.strip()
         if scheme.lower() != "bearer" or not presented:
             raise _unauthorized("missing_credentials", "Send an admin key as 'Authorization: Bearer <key>'.")
-        if len(presented) > 1024:
+        if len(presented) > MAX_KEY_LENGTH:
             raise _unauthorized("invalid_admin_key", "The admin key is not valid.")
-        digest = self._hasher.memo_digest("admin", presented)
-        key_id = self._memo.get(digest)
-        if key_id is not None and key_id in self._keys:
-            return self._keys[key_id]
-        for key in list(self._keys.values()):
-            if await self._hasher.verify(key.key_hash, presented):
-                if len(self._memo) >= MAX_MEMO_ENTRIES:
-                    self._memo.clear()
-                self._memo[digest] = key.id
-                return key
-        log.warning("admin API: rejected an invalid admin key")
+        keys = {key.id: key for key in await self._store.list_admin_keys()}
+        parsed = parse_token(presented, self._key_prefix)
+        candidate = keys.get(parsed.token_id if parsed is not None else BOOTSTRAP_KEY_ID)
+        if candidate is None:
+            raise _unauthorized("invalid_admin_key", "The admin key is not valid.")
+        digest = self._hasher.memo_digest("admin:" + candidate.id, presented)
+        if self._verified.get(digest) == (candidate.id, candidate.key_hash):
+            return candidate
+        if self._failed.get(digest) == (candidate.id, candidate.key_hash):
+            raise _unauthorized("invalid_admin_key", "The admin key is not valid.")
+        if await self._hasher.verify(candidate.key_hash, presented):
+            self._verified.put(digest, candidate.id, candidate.key_hash)
+            return candidate
+        self._failed.put(digest, candidate.id, candidate.key_hash)
         raise _unauthorized("invalid_admin_key", "The admin key is not valid.")
 
 
 admin_authenticator_key = web.AppKey("admin_authenticator", AdminAuthenticator)
 admin_key_key = web.RequestKey("admin_key", AdminKeyRecord)
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
 @web.middleware
-async def admin_auth_middleware(request: web.Request, handler: object) -> web.StreamResponse:
-    if request.path not in PUBLIC_PATHS:
-        authenticator = request.app[admin_authenticator_key]
-        request[admin_key_key] = await authenticator.authenticate(request.headers.get(hdrs.AUTHORIZATION))
-    return await handler(request)  # type: ignore[operator,no-any-return]
+async def admin_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authenticate every non-public request; a `viewer` may read, and gets 403 on every change."""
+    if is_public(request.path):
+        return await handler(request)
+    try:
+        key = await request.app[admin_authenticator_key].authenticate(request.headers.get(hdrs.AUTHORIZATION))
+    except GatewayError as error:
+        if error.code == "invalid_admin_key":
+            log.warning("admin API: rejected an invalid admin key from %s", request.remote)
+            await request.app[core_key].store.append_audit(
+                AuditEvent(
+                    action="admin_auth.failure",
+                    actor="anonymous",
+                    token_id=None,
+                    details={"source_ip": request.remote, "method": request.method, "path": request.path},
+                )
+            )
+        raise
+    request[admin_key_key] = key
+    if key.role != "admin" and request.method not in SAFE_METHODS:
+        raise GatewayError(
+            403, "insufficient_role", f"The admin key '{key.name}' has the role '{key.role}', which may only read."
+        )
+    return await handler(request)

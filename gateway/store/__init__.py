@@ -1,6 +1,6 @@
 """The store of record. `base` holds the async interface; one module per backend."""
 
-from gateway.store.base import InvalidCursor, TokenNotFound, TokenStore
+from gateway.store.base import AdminKeyNotFound, InvalidCursor, LastAdminKey, TokenNotFound, TokenStore
 from gateway.store.sqlite import SQLiteStore
 
-__all__ = ["InvalidCursor", "SQLiteStore", "TokenNotFound", "TokenStore"]
+__all__ = ["AdminKeyNotFound", "InvalidCursor", "LastAdminKey", "SQLiteStore", "TokenNotFound", "TokenStore"]

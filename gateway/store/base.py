@@ -23,6 +23,14 @@ class InvalidCursor(ValueError):
     pass
 
 
+class AdminKeyNotFound(LookupError):
+    pass
+
+
+class LastAdminKey(Exception):
+    """Deleting this key would leave no key with the admin role."""
+
+
 class TokenStore(Protocol):
     reads: int
     """Token reads served so far; tests count them to prove the hot path stays off the store."""
@@ -71,3 +79,7 @@ class TokenStore(Protocol):
     async def list_admin_keys(self) -> list[AdminKeyRecord]: ...
 
     async def put_admin_key(self, record: AdminKeyRecord, event: AuditEvent | None = None) -> None: ...
+
+    async def delete_admin_key(self, key_id: str, event: AuditEvent) -> None:
+        """AdminKeyNotFound, or LastAdminKey if no other key with the admin role would remain."""
+        ...
