@@ -36,8 +36,11 @@ RUN cd /tmp/src \
  && rm -rf /tmp/src \
  && python -c "import gateway.settings as s; assert s.DEFAULT_CONFIG_PATH.is_file() and not s.DEFAULT_CONFIG_PATH.is_symlink()"
 
+# The admin API must listen on 0.0.0.0 for a published port to reach it; the gateway refuses that without
+# TLS unless told that the network protects it. Publish 8081 on loopback or a private network only.
 ENV GATEWAY_PROXY_LISTEN=0.0.0.0:8080 \
     GATEWAY_ADMIN_LISTEN=0.0.0.0:8081 \
+    GATEWAY_ADMIN_ALLOW_REMOTE=true \
     GATEWAY_DATABASE_URL=sqlite:////data/gateway.db
 
 USER 10001:10001

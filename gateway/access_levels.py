@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -75,6 +75,7 @@ class AccessLevel:
     description: str
     allow: tuple[Rule, ...]
     deny: tuple[Rule, ...]
+    max_body_bytes: int | None = None  # None: the global max_body_bytes setting
 
     def permits(self, method: str, normalized_path: str) -> bool:
         for rule in self.deny:
@@ -125,7 +126,7 @@ def parse_access_levels(raw: Any) -> dict[str, AccessLevel]:
             raise AccessLevelConfigError(f"access level name {name!r} must be lower_snake_case")
         if not isinstance(body, Mapping):
             raise AccessLevelConfigError(f"access_levels.{name} must be a table")
-        unknown = set(body) - {"description", "allow", "deny"}
+        unknown = set(body) - {"description", "allow", "deny", "max_body_bytes"}
         if unknown:
             raise AccessLevelConfigError(f"access_levels.{name}: unknown key(s) {sorted(unknown)}")
         allow_raw = body.get("allow")
@@ -137,14 +138,15 @@ def parse_access_levels(raw: Any) -> dict[str, AccessLevel]:
         description = body.get("description", "")
         if not isinstance(description, str):
             raise AccessLevelConfigError(f"access_levels.{name}.description must be a string")
+        max_body = body.get("max_body_bytes")
+        if max_body is not None and (isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0):
+            raise AccessLevelConfigError(f"access_levels.{name}.max_body_bytes must be a whole number of bytes")
         levels[name] = AccessLevel(
             name=name,
             description=description,
+            max_body_bytes=max_body,
             allow=tuple(_parse_rule(name, "allow", rule) for rule in allow_raw),
             deny=tuple(_parse_rule(name, "deny", rule) for rule in deny_raw),
         )
     return levels
 
-
-def level_names(levels: Iterable[AccessLevel]) -> list[str]:
-    return [level.name for level in levels]

@@ -2,7 +2,8 @@
 
 Unknown ids, wrong secrets and bad checksums all get the same `invalid_token`; only a caller holding the right
 secret learns that the token is disabled or expired. argon2 runs once per secret per process: afterwards the
-memo digest recognises the secret in about a microsecond.
+memo digest recognises the secret in about a microsecond. Wrong secrets are limited (failure_limits.py), but
+never before a known-good secret has been accepted.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import time
 
 from gateway.credentials import invalid_token
+from gateway.failure_limits import FailureLimits
 from gateway.problems import GatewayError
 from gateway.secrets import SecretHasher, digests_equal
 from gateway.token_cache import CachedToken, TokenCache
@@ -23,12 +25,17 @@ def _token_refused(code: str, detail: str) -> GatewayError:
 
 
 class Authenticator:
-    def __init__(self, cache: TokenCache, hasher: SecretHasher, *, prefix: str) -> None:
+    def __init__(
+        self, cache: TokenCache, hasher: SecretHasher, *, prefix: str, limits: FailureLimits | None = None
+    ) -> None:
         self._cache = cache
         self._hasher = hasher
         self._prefix = prefix
+        self._limits = limits or FailureLimits()
 
-    async def authenticate(self, presented: str) -> CachedToken:
+    async def authenticate(self, presented: str, source: str) -> CachedToken:
+        """The token, if `presented` is its current secret (or its previous one, in grace); `source` is the
+        caller's address key, for limiting wrong secrets."""
         token = parse_token(presented, self._prefix)
         if token is None:
             raise invalid_token()
@@ -41,7 +48,7 @@ class Authenticator:
                 ) from None
             if entry is None:
                 raise invalid_token()
-            if await self._secret_matches(entry, token):
+            if await self._secret_matches(entry, token, source):
                 break
             if self._cache.peek(token.token_id) is entry:
                 raise invalid_token()
@@ -54,7 +61,7 @@ class Authenticator:
             raise _token_refused("token_expired", "The token has expired.")
         return entry
 
-    async def _secret_matches(self, entry: CachedToken, token: TokenString) -> bool:
+    async def _secret_matches(self, entry: CachedToken, token: TokenString, source: str) -> bool:
         digest = self._hasher.memo_digest(token.token_id, token.secret)
         if digests_equal(entry.memo_current, digest):
             return True
@@ -62,12 +69,19 @@ class Authenticator:
             return self._in_grace(entry)
         if any(digests_equal(revoked, digest) for revoked in entry.memo_revoked):
             return False  # a secret this process saw verified before a rotation replaced it
+        hashes = (entry.record.secret_hash, entry.record.previous_secret_hash if self._in_grace(entry) else None)
+        if self._limits.known_wrong(digest, hashes):
+            return False
         pending = entry.verifications.get(digest)
         if pending is None:
+            self._limits.check(source, token.token_id)
             pending = asyncio.ensure_future(self._verify(entry, token.secret, digest))
             entry.verifications[digest] = pending
             pending.add_done_callback(lambda _: entry.verifications.pop(digest, None))
-        return await asyncio.shield(pending)
+        matched = await asyncio.shield(pending)
+        if not matched:
+            self._limits.record_failure(source, token.token_id, digest, hashes)
+        return matched
 
     async def _verify(self, entry: CachedToken, secret: str, digest: bytes) -> bool:
         record = entry.record

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import multiprocessing
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -71,11 +72,22 @@ def _configure_logging(settings: Settings) -> None:
 
 
 async def _start_site(
-    runner: web.AppRunner, where: ListenAddress, shutdown_timeout: float, *, reuse_port: bool = False
+    runner: web.AppRunner,
+    where: ListenAddress,
+    shutdown_timeout: float,
+    *,
+    reuse_port: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     await runner.setup()
     site = web.TCPSite(
-        runner, where.host, where.port, shutdown_timeout=shutdown_timeout, backlog=1024, reuse_port=reuse_port
+        runner,
+        where.host,
+        where.port,
+        shutdown_timeout=shutdown_timeout,
+        backlog=1024,
+        reuse_port=reuse_port,
+        ssl_context=ssl_context,
     )
     await site.start()
 
@@ -117,8 +129,9 @@ async def run_planes(
                     access_log=logging.getLogger("admin_api.access") if access else None,
                 )
                 runners.insert(0, admin)
-                await _start_site(admin, settings.admin_listen, settings.shutdown_timeout)
-                log.info("admin API listening on http://%s", settings.admin_listen)
+                tls = _admin_tls(settings)
+                await _start_site(admin, settings.admin_listen, settings.shutdown_timeout, ssl_context=tls)
+                log.info("admin API listening on %s://%s", "https" if tls else "http", settings.admin_listen)
             if "proxy" in planes:
                 proxy = web.AppRunner(
                     create_proxy_app(core),
@@ -137,6 +150,15 @@ async def run_planes(
         for runner in runners:
             await runner.cleanup()
     log.info("stopped")
+
+
+def _admin_tls(settings: Settings) -> ssl.SSLContext | None:
+    if settings.admin_tls_cert is None or settings.admin_tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.admin_tls_cert, settings.admin_tls_key)
+    return context
 
 
 def _proxy_worker(settings: Settings) -> None:
@@ -187,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         if not 1 <= workers <= 64:
             raise SettingsError("--workers must be between 1 and 64")
+        if "admin" in planes and (problem := settings.admin_exposure_problem()) is not None:
+            raise SettingsError(problem)
     except (SettingsError, ValueError) as error:
         print(f"gateway: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -195,8 +219,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(_run_workers(settings, workers))
     try:
         asyncio.run(run_planes(settings, planes, demo_upstream=demo))
-    except OSError as error:
-        print(f"gateway: cannot start: {error.strerror or error}", file=sys.stderr)
+    except (OSError, ssl.SSLError) as error:
+        print(f"gateway: cannot start: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

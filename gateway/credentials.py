@@ -30,7 +30,9 @@ def presented_token(authorization: str | None, prefix: str) -> str:
     if not authorization:
         raise missing_credentials("Send the API token as 'Authorization: Bearer <token>'.")
     if len(authorization) > MAX_AUTHORIZATION_LENGTH:
-        raise missing_credentials("The Authorization header is too long.")
+        raise GatewayError(
+            431, "authorization_too_long", f"The Authorization header is longer than {MAX_AUTHORIZATION_LENGTH} characters."
+        )
     scheme, _, value = authorization.strip().partition(" ")
     value = value.strip()
     scheme = scheme.lower()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -84,19 +86,54 @@ def _response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
     return CIMultiDict((name, value) for name, value in upstream.headers.items() if name.lower() not in dropped)
 
 
+def body_too_large(limit: int) -> GatewayError:
+    return GatewayError(413, "body_too_large", f"The request body is larger than this token's limit of {limit} bytes.")
+
+
+class _BodyGuard:
+    """Streams the client's body upstream, refusing more than `limit` bytes and a client that stalls."""
+
+    def __init__(self, content: StreamReader, *, limit: int, timeout: float) -> None:
+        self._content = content
+        self._limit = limit
+        self._timeout = timeout
+        self.error: GatewayError | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        received = 0
+        while True:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                self.error = GatewayError(408, "client_timeout", "The request body stopped arriving.")
+                raise
+            if not chunk:
+                return
+            received += len(chunk)
+            if received > self._limit:
+                self.error = body_too_large(self._limit)
+                raise self.error
+            yield chunk
+
+
 class UpstreamForwarder:
     """One pooled client session per process (no cookie jar: callers must never share cookies)."""
 
-    def __init__(self, session: aiohttp.ClientSession, upstream: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, upstream: str, *, body_timeout: float = 60.0) -> None:
         self._session = session
         self._upstream = upstream
+        self._body_timeout = body_timeout
 
     def target(self, raw_path: str) -> URL:
         # The raw path and query go upstream exactly as the client sent them.
         return URL(self._upstream + raw_path, encoded=True)
 
-    async def forward(self, request: web.Request, headers: CIMultiDict[str]) -> web.StreamResponse:
-        body = request.content if request.body_exists else None
+    async def forward(
+        self, request: web.Request, headers: CIMultiDict[str], *, max_body: int
+    ) -> web.StreamResponse:
+        guard = _BodyGuard(request.content, limit=max_body, timeout=self._body_timeout)
+        body = guard.chunks() if request.body_exists else None
         try:
             upstream = await self._session.request(
                 request.method,
@@ -108,9 +145,13 @@ class UpstreamForwarder:
                 chunked=None,
                 skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE),
             )
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-            raise GatewayError(504, "upstream_timeout", "The upstream service did not answer in time.") from None
-        except aiohttp.ClientError as error:
+        except Exception as error:
+            if guard.error is not None:  # the client's body was refused while it streamed upstream
+                raise guard.error from None
+            if isinstance(error, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+                raise GatewayError(504, "upstream_timeout", "The upstream service did not answer in time.") from None
+            if not isinstance(error, aiohttp.ClientError):
+                raise
             log.warning("upstream request failed: %s", type(error).__name__)
             raise GatewayError(502, "upstream_unavailable", "The upstream service could not be reached.") from None
 

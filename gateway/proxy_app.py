@@ -18,7 +18,8 @@ from gateway.authenticator import Authenticator
 from gateway.background import background_task
 from gateway.core import Core, core_key
 from gateway.credentials import presented_token
-from gateway.forward import UpstreamForwarder, upstream_request_headers
+from gateway.failure_limits import FailureLimits, source_key
+from gateway.forward import UpstreamForwarder, body_too_large, upstream_request_headers
 from gateway.problems import GatewayError, problem_middleware
 
 authenticator_key = web.AppKey("authenticator", Authenticator)
@@ -32,13 +33,13 @@ async def proxy_request(request: web.Request) -> web.StreamResponse:
     app = request.app
     core = app[core_key]
     presented = presented_token(request.headers.get(hdrs.AUTHORIZATION), core.settings.token_prefix)
-    token = await app[authenticator_key].authenticate(presented)
-    token_id = token.record.id
-    request[token_id_key] = token_id
-
     client_ip, peer_trusted = core.client_ips.resolve(
         request.remote, request.headers.getall(hdrs.X_FORWARDED_FOR, ())
     )
+    token = await app[authenticator_key].authenticate(presented, source_key(client_ip))
+    token_id = token.record.id
+    request[token_id_key] = token_id
+
     if token.ip_ranges is not None and (client_ip is None or client_ip not in token.ip_ranges):
         raise GatewayError(
             403, "ip_not_allowed", f"This token may not be used from {client_ip or 'this address'}."
@@ -52,6 +53,9 @@ async def proxy_request(request: web.Request) -> web.StreamResponse:
             f"The token's access level '{token.record.access_level}' does not allow"
             f" {request.method} on this path.",
         )
+    max_body = core.settings.max_body_bytes if level.max_body_bytes is None else level.max_body_bytes
+    if request.content_length is not None and request.content_length > max_body:
+        raise body_too_large(max_body)
 
     core.usage.record(token_id, client_ip)
     headers = upstream_request_headers(
@@ -60,7 +64,7 @@ async def proxy_request(request: web.Request) -> web.StreamResponse:
         access_level=token.record.access_level,
         peer_trusted=peer_trusted,
     )
-    return await app[forwarder_key].forward(request, headers)
+    return await app[forwarder_key].forward(request, headers, max_body=max_body)
 
 
 class ProxyAccessLogger(AbstractAccessLogger):
@@ -90,15 +94,31 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         ),
         auto_decompress=False,
     )
-    app[forwarder_key] = UpstreamForwarder(session, settings.require_upstream())
+    app[forwarder_key] = UpstreamForwarder(
+        session, settings.require_upstream(), body_timeout=settings.client_body_timeout
+    )
     yield
     await session.close()
 
 
 def create_proxy_app(core: Core) -> web.Application:
-    app = web.Application(middlewares=[problem_middleware], handler_args={"max_field_size": 16384})
+    settings = core.settings
+    app = web.Application(
+        middlewares=[problem_middleware],
+        handler_args={
+            "max_headers": settings.max_header_count,
+            "max_field_size": settings.max_header_bytes,
+            "max_line_size": settings.max_header_bytes,
+            "keepalive_timeout": 75.0,
+        },
+    )
     app[core_key] = core
-    app[authenticator_key] = Authenticator(core.tokens, core.hasher, prefix=core.settings.token_prefix)
+    limits = FailureLimits(
+        per_source=settings.failure_limit_per_source,
+        per_token=settings.failure_limit_per_token,
+        window=settings.failure_window,
+    )
+    app[authenticator_key] = Authenticator(core.tokens, core.hasher, prefix=settings.token_prefix, limits=limits)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(background_task("usage-writer", lambda app: app[core_key].usage.run()))
     if core.shared is not None:

@@ -73,10 +73,33 @@ class Settings:
     redis_key_prefix: str
     redis_entry_ttl: float
     shutdown_timeout: float
+    max_body_bytes: int
+    client_body_timeout: float
+    max_header_count: int
+    max_header_bytes: int
+    failure_limit_per_source: int
+    failure_limit_per_token: int
+    failure_window: float
+    admin_allow_remote: bool
+    admin_tls_cert: Path | None
+    admin_tls_key: Path | None
     log_level: str
     access_log: bool
     argon2: Argon2Parameters
     access_levels: Mapping[str, AccessLevel] = field(repr=False)
+
+    def admin_exposure_problem(self) -> str | None:
+        """Why the admin API must not start where it is configured to listen, or None."""
+        host = self.admin_listen.host
+        loopback = host == "localhost" or (
+            _is_address(host) and netaddr.IPAddress(host).is_loopback()
+        )
+        if loopback or self.admin_tls_cert is not None or self.admin_allow_remote:
+            return None
+        return (
+            f"the admin API would listen on {self.admin_listen}, beyond loopback, without TLS: set admin_tls_cert"
+            " and admin_tls_key, or GATEWAY_ADMIN_ALLOW_REMOTE=true if a private network or TLS proxy protects it"
+        )
 
     def require_upstream(self) -> str:
         if self.upstream is None:
@@ -85,6 +108,14 @@ class Settings:
                 " to the URL of the API the gateway protects"
             )
         return self.upstream
+
+
+def _is_address(text: str) -> bool:
+    try:
+        netaddr.IPAddress(text, flags=netaddr.INET_PTON)
+    except (netaddr.AddrFormatError, ValueError):
+        return False
+    return True
 
 
 # --- casts: each takes the raw value (TOML-typed or a string from the environment / a flag) ---------------
@@ -211,6 +242,13 @@ def _as_prefix(raw: Any) -> str:
     return text
 
 
+def _as_file(raw: Any) -> Path:
+    path = Path(_as_str(raw))
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a readable file")
+    return path
+
+
 def _as_key_prefix(raw: Any) -> str:
     text = _as_str(raw)
     if not 1 <= len(text) <= 64 or any(char.isspace() for char in text):
@@ -243,13 +281,23 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "redis_key_prefix": _as_key_prefix,
     "redis_entry_ttl": _as_float(1, 86400),
     "shutdown_timeout": _as_float(0, 3600),
+    "max_body_bytes": _as_int(0, 2**50),
+    "client_body_timeout": _as_float(0.1, 3600),
+    "max_header_count": _as_int(8, 1000),
+    "max_header_bytes": _as_int(1024, 65536),
+    "failure_limit_per_source": _as_int(1, 1_000_000),
+    "failure_limit_per_token": _as_int(1, 1_000_000),
+    "failure_window": _as_float(1, 86400),
+    "admin_allow_remote": _as_bool,
+    "admin_tls_cert": _as_file,
+    "admin_tls_key": _as_file,
     "log_level": _as_log_level,
     "access_log": _as_bool,
     "argon2.time_cost": _as_int(1, 100),
     "argon2.memory_cost_kib": _as_int(8, 4 * 1024 * 1024),
     "argon2.parallelism": _as_int(1, 64),
 }
-_OPTIONAL = {"upstream", "admin_key", "redis_url"}
+_OPTIONAL = {"upstream", "admin_key", "redis_url", "admin_tls_cert", "admin_tls_key"}
 
 
 def env_name(setting: str) -> str:
@@ -328,6 +376,8 @@ def load_settings(
         access_levels = parse_access_levels(levels_raw)
     except AccessLevelConfigError as error:
         raise SettingsError(f"setting {error}") from None
+    if (values["admin_tls_cert"] is None) != (values["admin_tls_key"] is None):
+        raise SettingsError("settings 'admin_tls_cert' and 'admin_tls_key' must be given together")
 
     return Settings(
         upstream=values["upstream"],
@@ -347,6 +397,16 @@ def load_settings(
         redis_key_prefix=values["redis_key_prefix"],
         redis_entry_ttl=values["redis_entry_ttl"],
         shutdown_timeout=values["shutdown_timeout"],
+        max_body_bytes=values["max_body_bytes"],
+        client_body_timeout=values["client_body_timeout"],
+        max_header_count=values["max_header_count"],
+        max_header_bytes=values["max_header_bytes"],
+        failure_limit_per_source=values["failure_limit_per_source"],
+        failure_limit_per_token=values["failure_limit_per_token"],
+        failure_window=values["failure_window"],
+        admin_allow_remote=values["admin_allow_remote"],
+        admin_tls_cert=values["admin_tls_cert"],
+        admin_tls_key=values["admin_tls_key"],
         log_level=values["log_level"],
         access_log=values["access_log"],
         argon2=Argon2Parameters(

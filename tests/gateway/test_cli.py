@@ -74,6 +74,13 @@ async def test_bad_setting_stops_start_up_naming_it(tmp_path: Path, variable: st
     assert stderr.strip().count("\n") == 0
 
 
+async def test_admin_api_beyond_loopback_without_tls_refuses_to_start(tmp_path: Path) -> None:
+    environment = {"GATEWAY_UPSTREAM": "http://127.0.0.1:9", "GATEWAY_ADMIN_LISTEN": "0.0.0.0:18081"}
+    code, stderr = await _run_to_exit(tmp_path, "serve", **environment)
+    assert code == 2 and stderr.strip().count("\n") == 0
+    assert "beyond loopback, without TLS" in stderr and "GATEWAY_ADMIN_ALLOW_REMOTE" in stderr
+
+
 async def test_bad_config_file_stops_start_up_naming_it(tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text('upstream = "http://127.0.0.1:9"\nproxy_lisen = "0.0.0.0:1"\n')
