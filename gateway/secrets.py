@@ -71,5 +71,5 @@ class SecretHasher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def digests_equal(left: bytes | None, right: bytes) -> bool:
-    return left is not None and hmac.compare_digest(left, right)
+def digests_equal(known_digest: bytes | None, presented_digest: bytes) -> bool:
+    return known_digest is not None and hmac.compare_digest(known_digest, presented_digest)
