@@ -14,9 +14,10 @@ import multiprocessing
 import signal
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
+import uvloop
 from aiohttp import web
 
 from admin_api.admin_auth import AdminAuthenticator
@@ -161,10 +162,16 @@ def _admin_tls(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def _run(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop: libuv's event loop roughly halves the cost of each socket operation on the hot path."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coroutine)
+
+
 def _proxy_worker(settings: Settings) -> None:
     _configure_logging(settings)
     try:
-        asyncio.run(run_planes(settings, ("proxy",), reuse_port=True))
+        _run(run_planes(settings, ("proxy",), reuse_port=True))
     except OSError as error:
         print(f"gateway: cannot start: {error.strerror or error}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -218,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if workers > 1:
         raise SystemExit(_run_workers(settings, workers))
     try:
-        asyncio.run(run_planes(settings, planes, demo_upstream=demo))
+        _run(run_planes(settings, planes, demo_upstream=demo))
     except (OSError, ssl.SSLError) as error:
         print(f"gateway: cannot start: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
         raise SystemExit(1) from None

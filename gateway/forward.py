@@ -162,7 +162,7 @@ class UpstreamForwarder:
             try:
                 async for chunk in upstream.content.iter_chunked(CHUNK_SIZE):
                     await response.write(chunk)
-            except (asyncio.TimeoutError, aiohttp.ClientError) as error:
+            except (TimeoutError, aiohttp.ClientError) as error:
                 # Headers are out: all we can do is cut the connection so the client sees a broken body.
                 log.warning("upstream response broke off mid-body: %s", type(error).__name__)
                 if request.transport is not None:

@@ -75,6 +75,6 @@ class InvalidationListener:
                 backoff = min(self._max_backoff, backoff * 2)
             finally:
                 try:
-                    await asyncio.shield(pubsub.aclose())
+                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
                 except (RedisError, OSError):
                     pass

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from typing import cast
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
@@ -118,7 +119,7 @@ class RedisTokens:
         use_redis = time.monotonic() >= self._skip_redis_until
         if use_redis:
             try:
-                raw = await self.client.get(self.keys.token(token_id))
+                raw = cast("bytes | None", await self.client.get(self.keys.token(token_id)))
                 self.redis_reads += 1
             except (RedisError, OSError) as error:
                 self._redis_failed("read", error)
@@ -152,9 +153,6 @@ class RedisTokens:
         for token_id in token_ids:
             await self.client.publish(self.keys.changes_channel, token_id)
 
-    async def raw_entry(self, token_id: str) -> bytes | None:
-        value: bytes | None = await self.client.get(self.keys.token(token_id))
-        return value
 
 
 class RedisUsage:

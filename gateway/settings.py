@@ -174,7 +174,7 @@ def _as_upstream(raw: Any) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError("must not contain a query, a fragment or credentials")
     try:
-        parts.port
+        _ = parts.port  # urlsplit checks the port only when asked
     except ValueError:
         raise ValueError(f"has an invalid port in {text!r}") from None
     return text.rstrip("/")

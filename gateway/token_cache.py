@@ -13,6 +13,7 @@ trusted if an invalidation is lost. A refreshed entry keeps its memo digests whi
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections import OrderedDict
@@ -24,13 +25,13 @@ import netaddr
 
 from gateway.access_levels import AccessLevel
 from gateway.ranges import compile_ranges
+from gateway.tokens import TokenRecord, TokenStatus
 
 
 class TokenSource(Protocol):
     """Where entries are filled from: the store itself, or Redis in front of it."""
 
     async def get_token(self, token_id: str) -> TokenRecord | None: ...
-from gateway.tokens import TokenRecord, TokenStatus
 
 
 @dataclass(slots=True, eq=False)
@@ -95,7 +96,7 @@ class TokenCache:
             if load is None:
                 load = asyncio.ensure_future(self._store.get_token(token_id))
                 self._loads[token_id] = load
-                load.add_done_callback(lambda done, key=token_id: self._settle(key, done))
+                load.add_done_callback(functools.partial(self._settle, token_id))
             record = await asyncio.shield(load)  # a failed read raises here, for every waiter
             if self._is_fresh(token_id):
                 continue  # settled, or overtaken by a newer write-through: the loop reads the entry

@@ -73,7 +73,7 @@ class RedisTokenChanges:
     async def _deliver_soon(self) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(self.deliver()), timeout=self._delivery_timeout)
-        except (RedisError, OSError, asyncio.TimeoutError) as error:
+        except (TimeoutError, RedisError, OSError) as error:
             log.warning("token change committed but not yet delivered to Redis (%s); retrying", type(error).__name__)
 
     async def deliver(self) -> int:

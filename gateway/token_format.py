@@ -20,9 +20,8 @@ SECRET_LENGTH = RANDOM_LENGTH + CHECKSUM_LENGTH
 ID_LENGTH = 16  # ~95 bits: ids are public, this only makes collisions and guessing pointless
 
 PREFIX_PATTERN = re.compile(r"[a-z][a-z0-9]{0,15}")
-ID_PATTERN = re.compile(r"[0-9A-Za-z]{%d}" % ID_LENGTH)
-_SECRET_PATTERN = re.compile(r"[0-9A-Za-z]{%d}" % SECRET_LENGTH)
-_DIGIT_VALUE = {char: value for value, char in enumerate(BASE62_ALPHABET)}
+ID_PATTERN = re.compile(f"[0-9A-Za-z]{{{ID_LENGTH}}}")
+_SECRET_PATTERN = re.compile(f"[0-9A-Za-z]{{{SECRET_LENGTH}}}")
 
 
 def to_base62(number: int, width: int) -> str:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.access_levels import AccessLevelConfigError, compile_path_pattern, normalize_path, parse_access_levels
+from gateway.access_levels import (
+    AccessLevelConfigError,
+    compile_path_pattern,
+    normalize_path,
+    parse_access_levels,
+)
 from tests.conftest import Gateway, Upstream, send_raw
 
 
