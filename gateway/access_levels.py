@@ -8,6 +8,7 @@ forwarded upstream.
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import re
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ class AccessLevelConfigError(ValueError):
     pass
 
 
+@functools.lru_cache(maxsize=16384)
 def normalize_path(raw_path: str) -> str:
     """The path a rule judges: percent-decoded once, dot segments resolved, always absolute."""
     decoded = unquote(raw_path, errors="surrogateescape")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import netaddr
 
 
+@functools.lru_cache(maxsize=16384)
 def parse_address(text: str) -> netaddr.IPAddress | None:
     """An address with any IPv6 zone and brackets removed and IPv4-mapped IPv6 turned into IPv4."""
     text = text.strip().strip("[]").partition("%")[0]
