@@ -43,6 +43,15 @@ def _unauthorized(code: str, detail: str) -> GatewayError:
     return GatewayError(401, code, detail, headers={"WWW-Authenticate": ADMIN_REALM})
 
 
+def _encodable(text: str) -> bool:
+    """False for undecodable header bytes, which aiohttp hands over as lone surrogates: no key holds those."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _Memo:
     """A bounded map from memo digest to the (key id, key hash) it was checked against."""
 
@@ -96,7 +105,7 @@ class AdminAuthenticator:
         presented = presented.strip()
         if scheme.lower() != "bearer" or not presented:
             raise _unauthorized("missing_credentials", "Send an admin key as 'Authorization: Bearer <key>'.")
-        if len(presented) > MAX_KEY_LENGTH:
+        if len(presented) > MAX_KEY_LENGTH or not _encodable(presented):
             raise _unauthorized("invalid_admin_key", "The admin key is not valid.")
         keys = {key.id: key for key in await self._store.list_admin_keys()}
         parsed = parse_token(presented, self._key_prefix)

@@ -15,8 +15,9 @@ from gateway.ranges import MAX_RANGES, RangeError, normalize_ranges
 from gateway.tokens import TokenStatus, parse_rfc3339, utc_now
 
 NAME_MAX_LENGTH = 100
-# Controls (C0, DEL and C1, whose CSI can drive a terminal) and the Unicode line and paragraph separators.
-NAME_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Zl", "Zp"})
+# Controls (C0, DEL and C1, whose CSI can drive a terminal), the Unicode line and paragraph separators, and
+# lone surrogates (JSON can spell "\ud800"; no UTF-8 column can store it).
+NAME_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
 MAX_GRACE_SECONDS = 7 * 24 * 3600
 MAX_PAGE_SIZE = 500
 
@@ -48,7 +49,9 @@ def parse_name(value: Any) -> str:
     if not 1 <= len(name) <= NAME_MAX_LENGTH:
         raise bad_request("name", f"name must be 1 to {NAME_MAX_LENGTH} characters.", "invalid_name")
     if any(unicodedata.category(char) in NAME_FORBIDDEN_CATEGORIES for char in name):
-        raise bad_request("name", "name must not contain control characters or line breaks.", "invalid_name")
+        raise bad_request(
+            "name", "name must not contain control characters, line breaks or lone surrogates.", "invalid_name"
+        )
     return name
 
 

@@ -44,6 +44,14 @@ UNTRUSTED_FORWARDING_HEADERS = frozenset({"forwarded", "x-real-ip"})
 CHUNK_SIZE = 64 * 1024
 
 
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     listed = headers.getall(hdrs.CONNECTION, ())
     return frozenset(name.strip().lower() for value in listed for name in value.split(","))
@@ -65,6 +73,10 @@ def upstream_request_headers(
         lower = name.lower()
         if lower in dropped or lower.startswith(GATEWAY_HEADER_PREFIX):
             continue
+        if not value.isascii() and not _is_utf8(value):
+            # aiohttp hands undecodable bytes over as lone surrogates, which its client would drop or fail on:
+            # refuse rather than forward an altered value.
+            raise GatewayError(400, "invalid_header_value", f"The {name} header holds bytes that are not UTF-8.")
         headers.add(name, value)
 
     peer = request.remote or ""

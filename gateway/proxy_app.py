@@ -30,6 +30,10 @@ access_log = logging.getLogger("gateway.access")
 
 
 async def proxy_request(request: web.Request) -> web.StreamResponse:
+    if not request.raw_path.startswith("/"):
+        # An absolute-form target appended to the upstream URL would put its scheme into the upstream host
+        # name ("http://api" + "admin://x/y" connects to "apiadmin"): only origin-form paths are forwarded.
+        raise GatewayError(400, "invalid_request_target", "The request target must be a path, such as /api/posts.")
     app = request.app
     core = app[core_key]
     presented = presented_token(request.headers.get(hdrs.AUTHORIZATION), core.settings.token_prefix)
