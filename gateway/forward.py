@@ -1,101 +1,114 @@
-"""Forwarding an authenticated request upstream and streaming both bodies, without buffering either."""
+"""Forwarding an authenticated request upstream and streaming both bodies, without buffering either.
+
+The request head is built as bytes straight from the client's raw headers (hop-by-hop, credential and
+gateway-owned headers dropped, forwarding headers rewritten) and sent on a pooled keep-alive connection
+(upstream_client.py). A small response with a known length is answered in one write; anything else is
+streamed back with backpressure both ways.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
-import aiohttp
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.streams import StreamReader
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from gateway.problems import GatewayError
+from gateway.upstream_client import (
+    UpstreamConnectError,
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 
 log = logging.getLogger(__name__)
 
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded. Headers named in a
-# `Connection` header are dropped too.
+# `Connection` header are dropped too. Content-Length and Transfer-Encoding are framing: the upstream client
+# writes its own, from the body it actually sends.
 HOP_BY_HOP_HEADERS = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
     }
 )
 # Set by the gateway alone: whatever a client sends under these names is dropped.
-GATEWAY_HEADER_PREFIX = "x-gateway-"
+GATEWAY_HEADER_PREFIX = b"x-gateway-"
 TOKEN_ID_HEADER = "X-Gateway-Token-Id"
 ACCESS_LEVEL_HEADER = "X-Gateway-Access-Level"
-# Dropped from the client's request: the credential, the Host we replace, and forwarding claims that we
-# rewrite ourselves (or believe only from a trusted proxy).
-REQUEST_HEADERS_DROPPED = frozenset(
-    {"authorization", "host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+# Dropped from the client's request: the credential, framing, the Host we replace, and forwarding claims that
+# we rewrite ourselves (or believe only from a trusted proxy).
+REQUEST_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | frozenset(
+    {b"authorization", b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
 )
-UNTRUSTED_FORWARDING_HEADERS = frozenset({"forwarded", "x-real-ip"})
-CHUNK_SIZE = 64 * 1024
+UNTRUSTED_FORWARDING_HEADERS = frozenset({b"forwarded", b"x-real-ip"})
+# Response headers the server side sets from what it sends.
+RESPONSE_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | frozenset({b"content-length"})
+SMALL_BODY = 64 * 1024
+BODILESS_STATUSES = frozenset({204, 304})
 
 
-def _is_utf8(value: str) -> bool:
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
+def _connection_listed(raw_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    listed = [value for name, value in raw_headers if name.lower() == b"connection"]
+    return frozenset(token.strip().lower() for value in listed for token in value.split(b","))
 
 
-def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    listed = headers.getall(hdrs.CONNECTION, ())
-    return frozenset(name.strip().lower() for value in listed for name in value.split(","))
-
-
-def upstream_request_headers(
+def upstream_request_head(
     request: web.Request,
     *,
+    host: bytes,
     token_id: str,
     access_level: str,
     peer_trusted: bool,
-) -> CIMultiDict[str]:
-    incoming = request.headers
-    dropped = HOP_BY_HOP_HEADERS | REQUEST_HEADERS_DROPPED | _connection_listed(incoming)
+) -> bytes:
+    """The header block sent upstream, as `Name: value\\r\\n` lines (the upstream client adds framing)."""
+    raw_headers = request.raw_headers
+    dropped = REQUEST_HEADERS_DROPPED
     if not peer_trusted:
-        dropped |= UNTRUSTED_FORWARDING_HEADERS
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
+        dropped = dropped | UNTRUSTED_FORWARDING_HEADERS
+    listed = _connection_listed(raw_headers)
+    if listed:
+        dropped = dropped | listed
+    lines = [b"Host: ", host, b"\r\n"]
+    forwarded_for: list[bytes] = []
+    forwarded_proto = forwarded_host = client_host = b""
+    for name, value in raw_headers:
         lower = name.lower()
         if lower in dropped or lower.startswith(GATEWAY_HEADER_PREFIX):
+            if peer_trusted:
+                if lower == b"x-forwarded-for":
+                    forwarded_for += [hop.strip() for hop in value.split(b",") if hop.strip()]
+                elif lower == b"x-forwarded-proto":
+                    forwarded_proto = value
+                elif lower == b"x-forwarded-host":
+                    forwarded_host = value
+            if lower == b"host":
+                client_host = value
             continue
-        if not value.isascii() and not _is_utf8(value):
-            # aiohttp hands undecodable bytes over as lone surrogates, which its client would drop or fail on:
-            # refuse rather than forward an altered value.
-            raise GatewayError(400, "invalid_header_value", f"The {name} header holds bytes that are not UTF-8.")
-        headers.add(name, value)
-
-    peer = request.remote or ""
-    chain = [hop.strip() for value in incoming.getall(hdrs.X_FORWARDED_FOR, ()) for hop in value.split(",")]
-    forwarded_for = [hop for hop in chain if hop] if peer_trusted else []
-    headers[hdrs.X_FORWARDED_FOR] = ", ".join([*forwarded_for, peer]) if peer else ", ".join(forwarded_for)
-    proto = incoming.get(hdrs.X_FORWARDED_PROTO) if peer_trusted else None
-    headers[hdrs.X_FORWARDED_PROTO] = proto or request.scheme
-    host = incoming.get(hdrs.X_FORWARDED_HOST) if peer_trusted else None
-    if host or request.host:
-        headers[hdrs.X_FORWARDED_HOST] = host or request.host
-    headers[TOKEN_ID_HEADER] = token_id
-    headers[ACCESS_LEVEL_HEADER] = access_level
-    return headers
-
-
-def _response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    dropped = HOP_BY_HOP_HEADERS | _connection_listed(upstream.headers)
-    return CIMultiDict((name, value) for name, value in upstream.headers.items() if name.lower() not in dropped)
+        lines += (name, b": ", value, b"\r\n")
+    peer = request.remote
+    if peer:
+        forwarded_for.append(peer.encode())
+    if forwarded_for:
+        lines += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
+    lines += (b"X-Forwarded-Proto: ", forwarded_proto or request.scheme.encode(), b"\r\n")
+    if forwarded_host or client_host:
+        lines += (b"X-Forwarded-Host: ", forwarded_host or client_host, b"\r\n")
+    lines += (b"X-Gateway-Token-Id: ", token_id.encode(), b"\r\nX-Gateway-Access-Level: ", access_level.encode(), b"\r\n")
+    return b"".join(lines)
 
 
 def body_too_large(limit: int) -> GatewayError:
@@ -119,7 +132,7 @@ class _BodyGuard:
                     chunk = await self._content.readany()
             except TimeoutError:
                 self.error = GatewayError(408, "client_timeout", "The request body stopped arriving.")
-                raise
+                raise self.error from None
             if not chunk:
                 return
             received += len(chunk)
@@ -129,56 +142,101 @@ class _BodyGuard:
             yield chunk
 
 
-class UpstreamForwarder:
-    """One pooled client session per process (no cookie jar: callers must never share cookies)."""
+def _response_headers(upstream: UpstreamResponse) -> list[tuple[str, str]]:
+    listed = _connection_listed(upstream.headers)
+    return [
+        (name.decode("latin-1"), value.decode("utf-8", "replace"))
+        for name, value in upstream.headers
+        if (lower := name.lower()) not in RESPONSE_HEADERS_DROPPED and lower not in listed
+    ]
 
-    def __init__(self, session: aiohttp.ClientSession, upstream: str, *, body_timeout: float = 60.0) -> None:
-        self._session = session
-        self._upstream = upstream
+
+def open_upstream_pool(upstream: str, *, connect_timeout: float, read_timeout: float) -> UpstreamPool:
+    parts = urlsplit(upstream)
+    secure = parts.scheme == "https"
+    return UpstreamPool(
+        parts.hostname or "",
+        parts.port or (443 if secure else 80),
+        ssl=ssl.create_default_context() if secure else None,
+        server_hostname=parts.hostname if secure else None,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+    )
+
+
+class UpstreamForwarder:
+    """Sends requests on the process's one upstream pool (no cookie jar, no shared state between callers)."""
+
+    def __init__(self, pool: UpstreamPool, upstream: str, *, body_timeout: float = 60.0) -> None:
+        parts = urlsplit(upstream)
+        self._pool = pool
+        self._base_path = parts.path.rstrip("/")
+        self.host = parts.netloc.rpartition("@")[2].encode("idna")
         self._body_timeout = body_timeout
 
-    def target(self, raw_path: str) -> URL:
-        # The raw path and query go upstream exactly as the client sent them.
-        return URL(self._upstream + raw_path, encoded=True)
-
-    async def forward(
-        self, request: web.Request, headers: CIMultiDict[str], *, max_body: int
-    ) -> web.StreamResponse:
-        guard = _BodyGuard(request.content, limit=max_body, timeout=self._body_timeout)
-        body = guard.chunks() if request.body_exists else None
+    async def forward(self, request: web.Request, head: bytes, *, max_body: int) -> web.StreamResponse:
+        guard: _BodyGuard | None = None
+        body: AsyncIterator[bytes] | None = None
+        if request.body_exists:
+            guard = _BodyGuard(request.content, limit=max_body, timeout=self._body_timeout)
+            body = guard.chunks()
+        length = request.content_length if body is not None else None
         try:
-            upstream = await self._session.request(
+            upstream = await self._pool.request(
                 request.method,
-                self.target(request.raw_path),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                compress=None,
-                chunked=None,
-                skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE),
+                self._base_path + request.raw_path,
+                head,
+                body,
+                content_length=length,
+                chunked=body is not None and length is None,
             )
+        except GatewayError:
+            raise  # the client's body was refused while it streamed upstream
         except Exception as error:
-            if guard.error is not None:  # the client's body was refused while it streamed upstream
+            if guard is not None and guard.error is not None:
                 raise guard.error from None
-            if isinstance(error, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+            if isinstance(error, UpstreamTimeout) and not isinstance(error, UpstreamConnectError):
                 raise GatewayError(504, "upstream_timeout", "The upstream service did not answer in time.") from None
-            if not isinstance(error, aiohttp.ClientError):
-                raise
-            log.warning("upstream request failed: %s", type(error).__name__)
-            raise GatewayError(502, "upstream_unavailable", "The upstream service could not be reached.") from None
+            if isinstance(error, (UpstreamConnectError, UpstreamConnectionError, UpstreamError, OSError)):
+                log.warning("upstream request failed: %s", type(error).__name__)
+                raise GatewayError(
+                    502, "upstream_unavailable", "The upstream service could not be reached."
+                ) from None
+            raise
+        try:
+            return await self._respond(request, upstream)
+        finally:
+            upstream.close()  # returns a fully read connection to the pool; discards a half-read one
 
-        async with upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            response.headers.extend(_response_headers(upstream))
-            await response.prepare(request)
+    async def _respond(self, request: web.Request, upstream: UpstreamResponse) -> web.StreamResponse:
+        headers = _response_headers(upstream)
+        length = upstream.content_length
+        bodiless = request.method == "HEAD" or upstream.status in BODILESS_STATUSES
+        if not bodiless and length is not None and length <= SMALL_BODY:
             try:
-                async for chunk in upstream.content.iter_chunked(CHUNK_SIZE):
-                    await response.write(chunk)
-            except (TimeoutError, aiohttp.ClientError) as error:
-                # Headers are out: all we can do is cut the connection so the client sees a broken body.
-                log.warning("upstream response broke off mid-body: %s", type(error).__name__)
-                if request.transport is not None:
-                    request.transport.close()
-                return response
+                body = await upstream.read_all(SMALL_BODY)
+            except (UpstreamError, OSError) as error:
+                log.warning("upstream response broke off: %s", type(error).__name__)
+                raise GatewayError(502, "upstream_unavailable", "The upstream response broke off.") from None
+            return web.Response(status=upstream.status, reason=upstream.reason or None, body=body, headers=headers)
+
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None, headers=headers)
+        if length is not None:
+            response.content_length = length  # for HEAD and 304 it describes the body not sent
+        await response.prepare(request)
+        if bodiless:
             await response.write_eof()
             return response
+        try:
+            while chunk := await upstream.read_chunk():
+                await response.write(chunk)
+        except (UpstreamError, OSError) as error:
+            if isinstance(error, ConnectionResetError) and not isinstance(error, UpstreamError):
+                raise  # the client went away: aiohttp ends the request; the upstream connection is discarded
+            # Headers are out: all we can do is cut the connection so the client sees a broken body.
+            log.warning("upstream response broke off mid-body: %s", type(error).__name__)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+        return response

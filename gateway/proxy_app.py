@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 
@@ -19,7 +18,7 @@ from gateway.background import background_task
 from gateway.core import Core, core_key
 from gateway.credentials import presented_token
 from gateway.failure_limits import FailureLimits, source_key
-from gateway.forward import UpstreamForwarder, body_too_large, upstream_request_headers
+from gateway.forward import UpstreamForwarder, body_too_large, open_upstream_pool, upstream_request_head
 from gateway.problems import GatewayError, problem_middleware
 
 authenticator_key = web.AppKey("authenticator", Authenticator)
@@ -62,13 +61,15 @@ async def proxy_request(request: web.Request) -> web.StreamResponse:
         raise body_too_large(max_body)
 
     core.usage.record(token_id, client_ip)
-    headers = upstream_request_headers(
+    forwarder = app[forwarder_key]
+    head = upstream_request_head(
         request,
+        host=forwarder.host,
         token_id=token_id,
         access_level=token.record.access_level,
         peer_trusted=peer_trusted,
     )
-    return await app[forwarder_key].forward(request, headers, max_body=max_body)
+    return await forwarder.forward(request, head, max_body=max_body)
 
 
 class ProxyAccessLogger(AbstractAccessLogger):
@@ -88,21 +89,15 @@ class ProxyAccessLogger(AbstractAccessLogger):
         )
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
     settings = app[core_key].settings
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=60),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.upstream_connect_timeout, sock_read=settings.upstream_timeout
-        ),
-        auto_decompress=False,
+    upstream = settings.require_upstream()
+    pool = open_upstream_pool(
+        upstream, connect_timeout=settings.upstream_connect_timeout, read_timeout=settings.upstream_timeout
     )
-    app[forwarder_key] = UpstreamForwarder(
-        session, settings.require_upstream(), body_timeout=settings.client_body_timeout
-    )
+    app[forwarder_key] = UpstreamForwarder(pool, upstream, body_timeout=settings.client_body_timeout)
     yield
-    await session.close()
+    await pool.close()
 
 
 def create_proxy_app(core: Core) -> web.Application:
@@ -123,7 +118,7 @@ def create_proxy_app(core: Core) -> web.Application:
         window=settings.failure_window,
     )
     app[authenticator_key] = Authenticator(core.tokens, core.hasher, prefix=settings.token_prefix, limits=limits)
-    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_upstream_pool)
     app.cleanup_ctx.append(background_task("usage-writer", lambda app: app[core_key].usage.run()))
     if core.shared is not None:
         listener = core.shared.listener
