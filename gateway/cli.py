@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import multiprocessing
+import os
 import signal
 import ssl
 import sys
@@ -99,12 +100,15 @@ async def run_planes(
     *,
     demo_upstream: ListenAddress | None = None,
     reuse_port: bool = False,
+    parent_pid: int | None = None,
 ) -> None:
-    """Run the given planes until SIGTERM or SIGINT, then drain in-flight requests and return."""
+    """Run the given planes until SIGTERM or SIGINT (or, for a worker, its parent's death), then drain
+    in-flight requests and return."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    watch = asyncio.create_task(_stop_when_orphaned(parent_pid, stop)) if parent_pid is not None else None
 
     runners: list[web.AppRunner] = []
     access = settings.access_log
@@ -150,6 +154,8 @@ async def run_planes(
     finally:
         for runner in runners:
             await runner.cleanup()
+        if watch is not None:
+            watch.cancel()
     log.info("stopped")
 
 
@@ -168,10 +174,18 @@ def _run(coroutine: Coroutine[Any, Any, None]) -> None:
         runner.run(coroutine)
 
 
-def _proxy_worker(settings: Settings) -> None:
+async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
+    """A worker whose parent died (even by SIGKILL) stops too, instead of serving on alone."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(1.0)
+    log.warning("the parent process is gone; stopping")
+    stop.set()
+
+
+def _proxy_worker(settings: Settings, parent_pid: int) -> None:
     _configure_logging(settings)
     try:
-        _run(run_planes(settings, ("proxy",), reuse_port=True))
+        _run(run_planes(settings, ("proxy",), reuse_port=True, parent_pid=parent_pid))
     except OSError as error:
         print(f"gateway: cannot start: {error.strerror or error}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -180,7 +194,9 @@ def _proxy_worker(settings: Settings) -> None:
 def _run_workers(settings: Settings, workers: int) -> int:
     """The parent of `gateway proxy --workers N`: starts N processes on one port, relays SIGTERM, waits."""
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_proxy_worker, args=(settings,), name=f"proxy-{n}") for n in range(workers)]
+    processes = [
+        context.Process(target=_proxy_worker, args=(settings, os.getpid()), name=f"proxy-{n}") for n in range(workers)
+    ]
     for process in processes:
         process.start()
 

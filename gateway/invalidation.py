@@ -13,6 +13,7 @@ import logging
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from gateway.background import raise_if_cancelling
 from gateway.redis_tokens import RedisTokens
 from gateway.token_cache import TokenCache
 
@@ -67,6 +68,7 @@ class InvalidationListener:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as error:
+                raise_if_cancelling()
                 if self.connected.is_set():
                     log.warning("token change channel lost (%s); reconnecting", type(error).__name__)
                 self.connected.clear()

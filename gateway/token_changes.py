@@ -15,6 +15,7 @@ from typing import Protocol
 
 from redis.exceptions import RedisError
 
+from gateway.background import raise_if_cancelling
 from gateway.redis_tokens import RedisTokens
 from gateway.store.base import TokenStore
 from gateway.token_cache import TokenCache
@@ -100,5 +101,6 @@ class RedisTokenChanges:
             try:
                 await self.deliver()
             except (RedisError, OSError) as error:
+                raise_if_cancelling()
                 log.debug("outbox delivery failed: %s", type(error).__name__)
             await asyncio.sleep(interval)

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import netaddr
 
+from gateway.background import raise_if_cancelling
 from gateway.store.base import TokenStore
 
 log = logging.getLogger(__name__)
@@ -82,5 +83,6 @@ class UsageDrainer:
             try:
                 await self.drain()
             except Exception:
+                raise_if_cancelling()
                 log.warning("could not move usage from Redis to the store; will retry", exc_info=True)
 
