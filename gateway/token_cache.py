@@ -98,6 +98,9 @@ class TokenCache:
                 self._loads[token_id] = load
                 load.add_done_callback(functools.partial(self._settle, token_id))
             record = await asyncio.shield(load)  # a failed read raises here, for every waiter
+            # Settle here too (it is idempotent): a waiter may resume before the done-callback has run, and
+            # a done load awaited again never yields, so looping on it would spin the event loop.
+            self._settle(token_id, load)
             if self._is_fresh(token_id):
                 continue  # settled, or overtaken by a newer write-through: the loop reads the entry
             if record is None:
