@@ -4,6 +4,10 @@ Unknown ids, wrong secrets and bad checksums all get the same `invalid_token`; o
 secret learns that the token is disabled or expired. argon2 runs once per secret per process: afterwards the
 memo digest recognises the secret in about a microsecond. Wrong secrets are limited (failure_limits.py), but
 never before a known-good secret has been accepted.
+
+The checksum turns away mistyped and forged strings before they can cost a store read. A string the memo
+already recognises was checked when it was first verified (the memo digest covers the id and the whole
+secret, checksum included, and the prefix is compared), so it skips the checksum.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from gateway.failure_limits import FailureLimits
 from gateway.problems import GatewayError
 from gateway.secrets import SecretHasher, digests_equal
 from gateway.token_cache import CachedToken, TokenCache
-from gateway.token_format import TokenString, parse_token
+from gateway.token_format import TokenString, checksum_matches, split_token
 
 
 def _token_refused(code: str, detail: str) -> GatewayError:
@@ -36,8 +40,12 @@ class Authenticator:
     async def authenticate(self, presented: str, source: str) -> CachedToken:
         """The token, if `presented` is its current secret (or its previous one, in grace); `source` is the
         caller's address key, for limiting wrong secrets."""
-        token = parse_token(presented, self._prefix)
+        token = split_token(presented, self._prefix)
         if token is None:
+            raise invalid_token()
+        digest = self._hasher.memo_digest(token.token_id, token.secret)
+        known = self._cache.peek(token.token_id)
+        if (known is None or not self._memo_accepts(known, digest)) and not checksum_matches(token):
             raise invalid_token()
         for _ in range(3):
             try:
@@ -48,7 +56,7 @@ class Authenticator:
                 ) from None
             if entry is None:
                 raise invalid_token()
-            if await self._secret_matches(entry, token, source):
+            if await self._secret_matches(entry, token, digest, source):
                 break
             if self._cache.peek(token.token_id) is entry:
                 raise invalid_token()
@@ -61,8 +69,14 @@ class Authenticator:
             raise _token_refused("token_expired", "The token has expired.")
         return entry
 
-    async def _secret_matches(self, entry: CachedToken, token: TokenString, source: str) -> bool:
-        digest = self._hasher.memo_digest(token.token_id, token.secret)
+    def _memo_accepts(self, entry: CachedToken, digest: bytes) -> bool:
+        return digests_equal(entry.memo_current, digest) or (
+            digests_equal(entry.memo_previous, digest) and self._in_grace(entry)
+        )
+
+    async def _secret_matches(
+        self, entry: CachedToken, token: TokenString, digest: bytes, source: str
+    ) -> bool:
         if digests_equal(entry.memo_current, digest):
             return True
         if digests_equal(entry.memo_previous, digest):

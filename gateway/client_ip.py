@@ -4,13 +4,39 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import netaddr
 
+from gateway.ranges import compile_ranges
+
+
+class ClientAddress(NamedTuple):
+    """An address parsed once: its IP version, its value as an integer, and its canonical text.
+
+    The text is netaddr's spelling (IPv6 compressed the way netaddr prints it), because it is shown to callers
+    in 403 details and stored as a token's last-used address.
+    """
+
+    version: int
+    value: int
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __bool__(self) -> bool:
+        # As netaddr.IPAddress: the unspecified address (0.0.0.0, ::) is false, so
+        # `client_ip or 'this address'` reads the same as it did with netaddr.
+        return self.value != 0
+
 
 @functools.lru_cache(maxsize=16384)
-def parse_address(text: str) -> netaddr.IPAddress | None:
-    """An address with any IPv6 zone and brackets removed and IPv4-mapped IPv6 turned into IPv4."""
+def parse_address(text: str) -> ClientAddress | None:
+    """An address with any IPv6 zone and brackets removed and IPv4-mapped IPv6 turned into IPv4.
+
+    Cached: a connection's peer, and a proxy's clients, come back request after request.
+    """
     text = text.strip().strip("[]").partition("%")[0]
     if not text or len(text) > 45:
         return None
@@ -19,30 +45,29 @@ def parse_address(text: str) -> netaddr.IPAddress | None:
     except (netaddr.AddrFormatError, ValueError, TypeError):
         return None
     if address.version == 6 and address.is_ipv4_mapped():
-        return address.ipv4()
-    return address
+        address = address.ipv4()
+    return ClientAddress(address.version, int(address), str(address))
 
 
 class ClientIpResolver:
     """Believes `X-Forwarded-For` only from `trusted_proxies`, walking it right to left past trusted hops."""
 
     def __init__(self, trusted_proxies: Iterable[str] = ()) -> None:
-        networks = list(trusted_proxies)
-        self._trusted = netaddr.IPSet(networks) if networks else None
+        self._trusted = compile_ranges(trusted_proxies)
 
-    def is_trusted(self, address: netaddr.IPAddress) -> bool:
+    def is_trusted(self, address: ClientAddress) -> bool:
         return self._trusted is not None and address in self._trusted
 
     def resolve(
         self, peer: str | None, forwarded_for: Iterable[str] = ()
-    ) -> tuple[netaddr.IPAddress | None, bool]:
+    ) -> tuple[ClientAddress | None, bool]:
         """The client address, and whether the peer is a trusted proxy (whose forwarding headers count)."""
         address = parse_address(peer) if peer else None
         if address is None or not self.is_trusted(address):
             return address, False
         return self._walk_forwarded_for(address, forwarded_for), True
 
-    def _walk_forwarded_for(self, client: netaddr.IPAddress, forwarded_for: Iterable[str]) -> netaddr.IPAddress:
+    def _walk_forwarded_for(self, client: ClientAddress, forwarded_for: Iterable[str]) -> ClientAddress:
         hops = [hop for header in forwarded_for for hop in header.split(",")]
         for hop in reversed(hops):
             address = parse_address(hop)

@@ -7,21 +7,29 @@ and a secret already known wrong is refused without argon2. Sources that keep fa
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import OrderedDict
 
 import netaddr
 
+from gateway.client_ip import ClientAddress
 from gateway.problems import GatewayError
 
 
-def source_key(address: netaddr.IPAddress | None) -> str:
+def source_key(address: ClientAddress | None) -> str:
+    """`192.0.2.1` for an IPv4 address, `2001:db8::/64` for any IPv6 address in that /64."""
     if address is None:
         return "unknown"
     if address.version == 6:
-        return str(netaddr.IPNetwork(f"{address}/64").cidr)
-    return str(address)
+        return _ipv6_network_key(address.value >> 64)
+    return address.text
+
+
+@functools.lru_cache(maxsize=4096)
+def _ipv6_network_key(network: int) -> str:
+    return f"{netaddr.IPAddress(network << 64, 6)}/64"
 
 
 class _Windows:

@@ -1,6 +1,6 @@
 """Tokens held in memory by each proxy process, in front of the store.
 
-An entry carries what the hot path needs, precompiled: the token's IP set, its access level, its expiry as a
+An entry carries what the hot path needs, precompiled: the token's ranges, its access level, its expiry as a
 float, and the memo digests of secrets already verified with argon2. Entries are filled on first use (one store
 read per token id, however many requests wait for it) and replaced write-through when the admin API commits a
 change, so a change holds on the very next request. An unknown id is remembered for `negative_ttl` seconds, so
@@ -21,10 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import netaddr
-
 from gateway.access_levels import AccessLevel
-from gateway.ranges import compile_ranges
+from gateway.ranges import AllowedRanges, compile_ranges
 from gateway.tokens import TokenRecord, TokenStatus
 
 
@@ -37,7 +35,7 @@ class TokenSource(Protocol):
 @dataclass(slots=True, eq=False)
 class CachedToken:
     record: TokenRecord
-    ip_ranges: netaddr.IPSet | None
+    ip_ranges: AllowedRanges | None
     access_level: AccessLevel | None  # None when the level was removed from the config: every request is 403
     enabled: bool
     expires_at: float | None

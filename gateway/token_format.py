@@ -62,8 +62,12 @@ def issue_token(prefix: str, token_id: str) -> TokenString:
     return TokenString(prefix, token_id, random_part + checksum(f"{prefix}_{token_id}_{random_part}"))
 
 
-def parse_token(text: str, prefix: str) -> TokenString | None:
-    """The token in `text`, or None when it is not a well-formed token of ours with a valid checksum."""
+def split_token(text: str, prefix: str) -> TokenString | None:
+    """The parts of `text` when it has the shape of a token of ours; the checksum is NOT checked.
+
+    For a caller that recognises the exact string by other means (authenticator.py's memo); anything else
+    wants `parse_token`.
+    """
     if len(text) != len(prefix) + ID_LENGTH + SECRET_LENGTH + 2:
         return None
     head, sep, rest = text.partition("_")
@@ -72,10 +76,19 @@ def parse_token(text: str, prefix: str) -> TokenString | None:
     token_id, sep, secret = rest.partition("_")
     if not sep or not ID_PATTERN.fullmatch(token_id) or not _SECRET_PATTERN.fullmatch(secret):
         return None
-    body = text[: -CHECKSUM_LENGTH]
-    if not secrets.compare_digest(checksum(body), secret[-CHECKSUM_LENGTH:]):
-        return None
     return TokenString(prefix, token_id, secret)
+
+
+def checksum_matches(token: TokenString) -> bool:
+    random_part = token.secret[:-CHECKSUM_LENGTH]
+    expected = checksum(f"{token.prefix}_{token.token_id}_{random_part}")
+    return secrets.compare_digest(expected, token.secret[-CHECKSUM_LENGTH:])
+
+
+def parse_token(text: str, prefix: str) -> TokenString | None:
+    """The token in `text`, or None when it is not a well-formed token of ours with a valid checksum."""
+    token = split_token(text, prefix)
+    return token if token is not None and checksum_matches(token) else None
 
 
 def looks_like_token(text: str, prefix: str) -> bool:

@@ -9,9 +9,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Protocol
 
-import netaddr
-
 from gateway.background import raise_if_cancelling
+from gateway.client_ip import ClientAddress
 from gateway.store.base import TokenStore
 
 log = logging.getLogger(__name__)
@@ -27,10 +26,10 @@ class UsageRecorder:
     def __init__(self, sink: UsageSink, *, interval: float = 5.0) -> None:
         self._store = sink
         self._interval = interval
-        self._pending: dict[str, tuple[float, netaddr.IPAddress | None]] = {}
+        self._pending: dict[str, tuple[float, ClientAddress | None]] = {}
         self.flushes = 0
 
-    def record(self, token_id: str, client_ip: netaddr.IPAddress | None) -> None:
+    def record(self, token_id: str, client_ip: ClientAddress | None) -> None:
         self._pending[token_id] = (time.time(), client_ip)
 
     async def flush(self) -> None:

@@ -2,9 +2,93 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import netaddr
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.client_ip import ClientIpResolver, parse_address
+
+PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None)
+TRUSTED_PROXIES = ["10.0.0.0/8", "fd00::/8", "192.0.2.0/24"]
+
+ipv4 = st.ip_addresses(v=4).map(str)
+ipv6 = st.ip_addresses(v=6).map(str)
+address_spellings = st.one_of(
+    ipv4,
+    ipv6,
+    st.sampled_from(
+        ["0.0.0.0", "::", "::1", "::ffff:0.0.0.0", "::1.2.3.4", "::ffff:0:1.2.3.4", "64:ff9b::1.2.3.4"]
+    ),
+    st.sampled_from(["10.0.0.1", "10.255.255.255", "fd00::1", "192.0.2.1", "::ffff:10.1.2.3"]),  # trusted
+    ipv4.map(lambda address: f"::ffff:{address}"),
+    ipv4.map(lambda address: f"::FFFF:{address}"),
+    ipv6.map(lambda address: f"[{address}]"),
+    ipv6.map(lambda address: f"{address}%eth0"),
+    ipv6.map(lambda address: address.upper()),
+    st.ip_addresses(v=6).map(lambda address: address.exploded),
+    ipv4.map(lambda address: f" {address} "),
+    st.sampled_from(["", "garbage", "127.1", "1.2.3.4.5", "::g", "[", "%", "1.2.3.4:80"]),
+    st.text(max_size=50),
+)
+forwarded_for = st.lists(st.lists(address_spellings, max_size=5).map(", ".join), max_size=3)
+
+
+def _netaddr_parse(text: str) -> netaddr.IPAddress | None:
+    """parse_address as it was, on netaddr objects: the reference the new one must agree with."""
+    text = text.strip().strip("[]").partition("%")[0]
+    if not text or len(text) > 45:
+        return None
+    try:
+        address = netaddr.IPAddress(text, flags=netaddr.INET_PTON)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        return None
+    return address.ipv4() if address.version == 6 and address.is_ipv4_mapped() else address
+
+
+def _netaddr_resolve(peer: str | None, forwarded_for: Iterable[str]) -> tuple[netaddr.IPAddress | None, bool]:
+    """ClientIpResolver.resolve as it was, with a netaddr IPSet of trusted proxies."""
+    trusted = netaddr.IPSet(TRUSTED_PROXIES)
+    client = _netaddr_parse(peer) if peer else None
+    if client is None or client not in trusted:
+        return client, False
+    for hop in reversed([hop for header in forwarded_for for hop in header.split(",")]):
+        address = _netaddr_parse(hop)
+        if address is None:
+            return client, True
+        client = address
+        if address not in trusted:
+            return address, True
+    return client, True
+
+
+@PROPERTY
+@given(address_spellings)
+def test_an_address_reads_and_prints_as_netaddr_did(text: str) -> None:
+    expected = _netaddr_parse(text)
+
+    address = parse_address(text)
+
+    if expected is None:
+        assert address is None
+        return
+    assert address is not None
+    assert (address.version, address.value) == (expected.version, int(expected))
+    assert str(address) == f"{address}" == str(expected)
+    assert bool(address) == bool(expected)  # the unspecified address is false, as with netaddr
+
+
+@PROPERTY
+@given(st.none() | address_spellings, forwarded_for)
+def test_resolution_agrees_with_the_netaddr_resolver(peer: str | None, chain: list[str]) -> None:
+    expected, expected_trusted = _netaddr_resolve(peer, chain)
+
+    address, trusted = ClientIpResolver(TRUSTED_PROXIES).resolve(peer, chain)
+
+    assert trusted == expected_trusted
+    assert (None if address is None else str(address)) == (None if expected is None else str(expected))
 
 
 @pytest.mark.parametrize(
