@@ -26,7 +26,8 @@ from admin_api.app import create_admin_app
 from gateway import __version__
 from gateway.core import open_core
 from gateway.demo_upstream import create_demo_upstream_app
-from gateway.proxy_app import ProxyAccessLogger, create_proxy_app
+from gateway.http_server import HttpRunner
+from gateway.proxy_app import create_proxy_app
 from gateway.settings import ListenAddress, Settings, SettingsError, load_settings, parse_listen_address
 
 log = logging.getLogger("gateway")
@@ -138,9 +139,8 @@ async def run_planes(
                 await _start_site(admin, settings.admin_listen, settings.shutdown_timeout, ssl_context=tls)
                 log.info("admin API listening on %s://%s", "https" if tls else "http", settings.admin_listen)
             if "proxy" in planes:
-                proxy = web.AppRunner(
+                proxy = HttpRunner(
                     create_proxy_app(core),
-                    access_log_class=ProxyAccessLogger,
                     access_log=logging.getLogger("gateway.access") if access else None,
                 )
                 runners.insert(0, proxy)

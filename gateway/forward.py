@@ -12,11 +12,10 @@ import asyncio
 import logging
 import ssl
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from urllib.parse import urlsplit
 
-from aiohttp import web
-from aiohttp.streams import StreamReader
-
+from gateway.http_server import HttpRequest, RequestBody, date_header
 from gateway.problems import GatewayError
 from gateway.upstream_client import (
     UpstreamConnectError,
@@ -51,23 +50,29 @@ TOKEN_ID_HEADER = "X-Gateway-Token-Id"
 ACCESS_LEVEL_HEADER = "X-Gateway-Access-Level"
 # Dropped from the client's request: the credential, framing, the Host we replace, and forwarding claims that
 # we rewrite ourselves (or believe only from a trusted proxy).
+# `Expect: 100-continue` is answered by the gateway itself (http_server.py), once the request is accepted.
 REQUEST_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | frozenset(
-    {b"authorization", b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+    {
+        b"authorization", b"host", b"content-length", b"expect",
+        b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+    }
 )
 UNTRUSTED_FORWARDING_HEADERS = frozenset({b"forwarded", b"x-real-ip"})
+UNTRUSTED_REQUEST_HEADERS_DROPPED = REQUEST_HEADERS_DROPPED | UNTRUSTED_FORWARDING_HEADERS
 # Response headers the server side sets from what it sends.
 RESPONSE_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | frozenset({b"content-length"})
 SMALL_BODY = 64 * 1024
 BODILESS_STATUSES = frozenset({204, 304})
 
 
-def _connection_listed(raw_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    listed = [value for name, value in raw_headers if name.lower() == b"connection"]
-    return frozenset(token.strip().lower() for value in listed for token in value.split(b","))
+def _connection_listed(values: list[bytes]) -> frozenset[bytes]:
+    """Header names a `Connection` header lists (other than close and keep-alive): hop-by-hop, dropped."""
+    listed = {token.strip().lower() for value in values for token in value.split(b",")}
+    return frozenset(listed - {b"", b"close", b"keep-alive"})
 
 
 def upstream_request_head(
-    request: web.Request,
+    request: HttpRequest,
     *,
     host: bytes,
     token_id: str,
@@ -75,40 +80,46 @@ def upstream_request_head(
     peer_trusted: bool,
 ) -> bytes:
     """The header block sent upstream, as `Name: value\\r\\n` lines (the upstream client adds framing)."""
-    raw_headers = request.raw_headers
-    dropped = REQUEST_HEADERS_DROPPED
-    if not peer_trusted:
-        dropped = dropped | UNTRUSTED_FORWARDING_HEADERS
-    listed = _connection_listed(raw_headers)
-    if listed:
-        dropped = dropped | listed
+    dropped = REQUEST_HEADERS_DROPPED if peer_trusted else UNTRUSTED_REQUEST_HEADERS_DROPPED
+    lines, connection = _forwarded_lines(request, host, dropped, peer_trusted)
+    if connection and (listed := _connection_listed(connection)):
+        lines, _ = _forwarded_lines(request, host, dropped | listed, peer_trusted)
+    lines += (b"X-Gateway-Token-Id: ", token_id.encode(), b"\r\nX-Gateway-Access-Level: ", access_level.encode(), b"\r\n")
+    return b"".join(lines)
+
+
+def _forwarded_lines(
+    request: HttpRequest, host: bytes, dropped: frozenset[bytes], peer_trusted: bool
+) -> tuple[list[bytes], list[bytes]]:
+    """The client's headers minus `dropped`, forwarding headers rewritten; and the Connection values seen."""
     lines = [b"Host: ", host, b"\r\n"]
+    connection: list[bytes] = []
     forwarded_for: list[bytes] = []
     forwarded_proto = forwarded_host = client_host = b""
-    for name, value in raw_headers:
+    for name, value in request.headers:
         lower = name.lower()
         if lower in dropped or lower.startswith(GATEWAY_HEADER_PREFIX):
-            if peer_trusted:
+            if lower == b"host":
+                client_host = value
+            elif lower == b"connection":
+                connection.append(value)
+            elif peer_trusted:
                 if lower == b"x-forwarded-for":
                     forwarded_for += [hop.strip() for hop in value.split(b",") if hop.strip()]
                 elif lower == b"x-forwarded-proto":
                     forwarded_proto = value
                 elif lower == b"x-forwarded-host":
                     forwarded_host = value
-            if lower == b"host":
-                client_host = value
             continue
         lines += (name, b": ", value, b"\r\n")
-    peer = request.remote
-    if peer:
-        forwarded_for.append(peer.encode())
+    if request.peer:
+        forwarded_for.append(request.peer.encode())
     if forwarded_for:
         lines += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
-    lines += (b"X-Forwarded-Proto: ", forwarded_proto or request.scheme.encode(), b"\r\n")
+    lines += (b"X-Forwarded-Proto: ", forwarded_proto or b"http", b"\r\n")
     if forwarded_host or client_host:
         lines += (b"X-Forwarded-Host: ", forwarded_host or client_host, b"\r\n")
-    lines += (b"X-Gateway-Token-Id: ", token_id.encode(), b"\r\nX-Gateway-Access-Level: ", access_level.encode(), b"\r\n")
-    return b"".join(lines)
+    return lines, connection
 
 
 def body_too_large(limit: int) -> GatewayError:
@@ -118,7 +129,7 @@ def body_too_large(limit: int) -> GatewayError:
 class _BodyGuard:
     """Streams the client's body upstream, refusing more than `limit` bytes and a client that stalls."""
 
-    def __init__(self, content: StreamReader, *, limit: int, timeout: float) -> None:
+    def __init__(self, content: RequestBody, *, limit: int, timeout: float) -> None:
         self._content = content
         self._limit = limit
         self._timeout = timeout
@@ -129,7 +140,7 @@ class _BodyGuard:
         while True:
             try:
                 async with asyncio.timeout(self._timeout):
-                    chunk = await self._content.readany()
+                    chunk = await self._content.read()
             except TimeoutError:
                 self.error = GatewayError(408, "client_timeout", "The request body stopped arriving.")
                 raise self.error from None
@@ -142,13 +153,38 @@ class _BodyGuard:
             yield chunk
 
 
-def _response_headers(upstream: UpstreamResponse) -> list[tuple[str, str]]:
-    listed = _connection_listed(upstream.headers)
-    return [
-        (name.decode("latin-1"), value.decode("utf-8", "replace"))
-        for name, value in upstream.headers
-        if (lower := name.lower()) not in RESPONSE_HEADERS_DROPPED and lower not in listed
-    ]
+def _response_headers(upstream: UpstreamResponse) -> bytes:
+    """The upstream's headers for the client, minus hop-by-hop and framing, with a Date if it sent none."""
+    lines: list[bytes] = []
+    connection: list[bytes] = []
+    dated = False
+    for name, value in upstream.headers:
+        lower = name.lower()
+        if lower in RESPONSE_HEADERS_DROPPED:
+            if lower == b"connection":
+                connection.append(value)
+            continue
+        dated = dated or lower == b"date"
+        lines += (name, b": ", value, b"\r\n")
+    if connection and (listed := _connection_listed(connection)):
+        lines = [
+            line
+            for name, value in upstream.headers
+            if (lower := name.lower()) not in RESPONSE_HEADERS_DROPPED and lower not in listed
+            for line in (name, b": ", value, b"\r\n")
+        ]
+    if not dated:
+        lines.append(date_header())
+    return b"".join(lines)
+
+
+def _reason(upstream: UpstreamResponse) -> bytes:
+    if upstream.reason:
+        return upstream.reason.encode("latin-1", "replace")
+    try:
+        return HTTPStatus(upstream.status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown"
 
 
 def open_upstream_pool(upstream: str, *, connect_timeout: float, read_timeout: float) -> UpstreamPool:
@@ -174,17 +210,17 @@ class UpstreamForwarder:
         self.host = parts.netloc.rpartition("@")[2].encode("idna")
         self._body_timeout = body_timeout
 
-    async def forward(self, request: web.Request, head: bytes, *, max_body: int) -> web.StreamResponse:
+    async def forward(self, request: HttpRequest, head: bytes, *, max_body: int) -> None:
         guard: _BodyGuard | None = None
         body: AsyncIterator[bytes] | None = None
-        if request.body_exists:
-            guard = _BodyGuard(request.content, limit=max_body, timeout=self._body_timeout)
+        if request.body is not None:
+            guard = _BodyGuard(request.body, limit=max_body, timeout=self._body_timeout)
             body = guard.chunks()
         length = request.content_length if body is not None else None
         try:
             upstream = await self._pool.request(
                 request.method,
-                self._base_path + request.raw_path,
+                self._base_path + request.target.decode("utf-8", "surrogateescape"),
                 head,
                 body,
                 content_length=length,
@@ -195,6 +231,8 @@ class UpstreamForwarder:
         except Exception as error:
             if guard is not None and guard.error is not None:
                 raise guard.error from None
+            if isinstance(error, ConnectionResetError) and not isinstance(error, UpstreamError):
+                raise  # the client went away mid-body
             if isinstance(error, UpstreamTimeout) and not isinstance(error, UpstreamConnectError):
                 raise GatewayError(504, "upstream_timeout", "The upstream service did not answer in time.") from None
             if isinstance(error, (UpstreamConnectError, UpstreamConnectionError, UpstreamError, OSError)):
@@ -204,39 +242,35 @@ class UpstreamForwarder:
                 ) from None
             raise
         try:
-            return await self._respond(request, upstream)
+            await self._respond(request, upstream)
         finally:
             upstream.close()  # returns a fully read connection to the pool; discards a half-read one
 
-    async def _respond(self, request: web.Request, upstream: UpstreamResponse) -> web.StreamResponse:
+    async def _respond(self, request: HttpRequest, upstream: UpstreamResponse) -> None:
         headers = _response_headers(upstream)
+        status = upstream.status
         length = upstream.content_length
-        bodiless = request.method == "HEAD" or upstream.status in BODILESS_STATUSES
+        bodiless = request.method == "HEAD" or status in BODILESS_STATUSES
         if not bodiless and length is not None and length <= SMALL_BODY:
             try:
                 body = await upstream.read_all(SMALL_BODY)
             except (UpstreamError, OSError) as error:
                 log.warning("upstream response broke off: %s", type(error).__name__)
                 raise GatewayError(502, "upstream_unavailable", "The upstream response broke off.") from None
-            return web.Response(status=upstream.status, reason=upstream.reason or None, body=body, headers=headers)
+            request.respond(status, _reason(upstream), headers, body)
+            return
 
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None, headers=headers)
-        if length is not None:
-            response.content_length = length  # for HEAD and 304 it describes the body not sent
-        await response.prepare(request)
+        request.start_response(status, _reason(upstream), headers, content_length=length, bodiless=bodiless)
         if bodiless:
-            await response.write_eof()
-            return response
+            return
         try:
             while chunk := await upstream.read_chunk():
-                await response.write(chunk)
+                await request.write(chunk)
         except (UpstreamError, OSError) as error:
             if isinstance(error, ConnectionResetError) and not isinstance(error, UpstreamError):
-                raise  # the client went away: aiohttp ends the request; the upstream connection is discarded
+                raise  # the client went away; the upstream connection is discarded
             # Headers are out: all we can do is cut the connection so the client sees a broken body.
             log.warning("upstream response broke off mid-body: %s", type(error).__name__)
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        await response.write_eof()
-        return response
+            request.abort()
+            return
+        request.finish_response()

@@ -46,14 +46,8 @@ def bad_request(field: str | None, detail: str, code: str = "invalid_field") -> 
     return GatewayError(400, code, detail, field=field)
 
 
-def problem_response(
-    status: int,
-    code: str,
-    detail: str,
-    *,
-    field: str | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> web.Response:
+def problem_bytes(status: int, code: str, detail: str, *, field: str | None = None) -> bytes:
+    """The RFC 9457 body, shared by the admin API (aiohttp) and the proxy port (http_server.py)."""
     body: dict[str, Any] = {
         "type": PROBLEM_TYPE_BASE + code,
         "title": HTTPStatus(status).phrase,
@@ -63,9 +57,20 @@ def problem_response(
     }
     if field is not None:
         body["field"] = field
+    return json.dumps(body).encode()
+
+
+def problem_response(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    field: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
     return web.Response(
         status=status,
-        body=json.dumps(body).encode(),
+        body=problem_bytes(status, code, detail, field=field),
         content_type=PROBLEM_CONTENT_TYPE,
         headers=headers,
     )

@@ -75,6 +75,8 @@ class Settings:
     shutdown_timeout: float
     max_body_bytes: int
     client_body_timeout: float
+    client_header_timeout: float
+    keepalive_timeout: float
     max_header_count: int
     max_header_bytes: int
     failure_limit_per_source: int
@@ -283,6 +285,8 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "shutdown_timeout": _as_float(0, 3600),
     "max_body_bytes": _as_int(0, 2**50),
     "client_body_timeout": _as_float(0.1, 3600),
+    "client_header_timeout": _as_float(0.1, 3600),
+    "keepalive_timeout": _as_float(0.1, 3600),
     "max_header_count": _as_int(8, 1000),
     "max_header_bytes": _as_int(1024, 65536),
     "failure_limit_per_source": _as_int(1, 1_000_000),
@@ -399,6 +403,8 @@ def load_settings(
         shutdown_timeout=values["shutdown_timeout"],
         max_body_bytes=values["max_body_bytes"],
         client_body_timeout=values["client_body_timeout"],
+        client_header_timeout=values["client_header_timeout"],
+        keepalive_timeout=values["keepalive_timeout"],
         max_header_count=values["max_header_count"],
         max_header_bytes=values["max_header_bytes"],
         failure_limit_per_source=values["failure_limit_per_source"],

@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from admin_api.admin_auth import AdminAuthenticator
 from admin_api.app import create_admin_app
 from gateway.core import Core, open_core
+from gateway.http_server import HttpRunner
 from gateway.proxy_app import create_proxy_app
 from gateway.settings import Settings, load_settings
 from tests.redis_server import RedisServer
@@ -147,6 +149,13 @@ def make_settings(tmp_path: Path, upstream: Upstream) -> SettingsFactory:
     return make
 
 
+class ProxyTestServer(TestServer):
+    """Serves the proxy plane the way `gateway proxy` does: its Application's lifecycle, http_server's port."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return HttpRunner(self.app, **kwargs)
+
+
 @dataclass
 class Gateway:
     """Both planes of one gateway process, each on its own real port, sharing one core."""
@@ -206,7 +215,7 @@ async def start_gateway(
         core = await context.__aenter__()
         authenticator = AdminAuthenticator(core.store, core.hasher, prefix=settings.token_prefix)
         await authenticator.bootstrap(settings.admin_key)
-        proxy = await aiohttp_client(create_proxy_app(core)) if "proxy" in planes else None
+        proxy = await aiohttp_client(ProxyTestServer(create_proxy_app(core))) if "proxy" in planes else None
         admin = await aiohttp_client(create_admin_app(core, authenticator)) if "admin" in planes else None
         started.append(Gateway(core, proxy, admin, settings.database_path, context))  # type: ignore[arg-type]
         if core.shared is not None and proxy is not None:

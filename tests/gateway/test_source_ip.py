@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from gateway.proxy_app import create_proxy_app
-from tests.conftest import Gateway, GatewayFactory, Upstream
+from tests.conftest import Gateway, GatewayFactory, ProxyTestServer, Upstream
 
 
 async def _forbidden_code(response: object) -> str:
@@ -34,7 +34,7 @@ async def test_no_ranges_means_any_address(gateway: Gateway) -> None:
 async def test_ipv6_client_is_matched_against_ipv6_ranges(gateway: Gateway) -> None:
     allowed = (await gateway.create_token(allowed_ip_ranges=["::1"]))["token"]
     other = (await gateway.create_token(allowed_ip_ranges=["2001:db8::/32", "127.0.0.1"]))["token"]
-    async with TestClient(TestServer(create_proxy_app(gateway.core), host="::1")) as client:
+    async with TestClient(ProxyTestServer(create_proxy_app(gateway.core), host="::1")) as client:
         ok = await client.get("/api/posts", headers={"Authorization": f"Bearer {allowed}"})
         refused = await client.get("/api/posts", headers={"Authorization": f"Bearer {other}"})
         assert ok.status == 200
