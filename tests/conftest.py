@@ -74,7 +74,8 @@ def _upstream_app(upstream_state: list[Upstream]) -> web.Application:
     async def download(request: web.Request) -> web.StreamResponse:
         size = int(request.query["bytes"])
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        response.content_length = size
+        if "chunked" not in request.query:
+            response.content_length = size
         await response.prepare(request)
         block = bytes(range(256)) * 256
         sent = size if request.method == "HEAD" else 0

@@ -1,0 +1,218 @@
+"""The proxy port's HTTP/1.1 server (gateway/http_server.py), seen from a client on a raw socket: framing,
+keep-alive, pipelining, 100-continue, refusals of malformed or slow requests, and upgrades."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.conftest import Gateway, GatewayFactory, Upstream
+
+
+class RawClient:
+    """One TCP connection to the proxy port; reads responses by their framing, as a strict client would."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def response(self, *, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout=10)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        if head_only or status < 200 or status in (204, 304):
+            return status, headers, b""
+        if "content-length" in headers:
+            body = await asyncio.wait_for(self.reader.readexactly(int(headers["content-length"])), timeout=10)
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+                chunk = await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                body += chunk[:-2]
+        else:
+            body = await asyncio.wait_for(self.reader.read(), timeout=10)  # until the server closes
+        return status, headers, body
+
+    async def closed_by_server(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(), timeout=10) == b""
+
+
+@pytest.fixture
+async def connect(gateway: Gateway) -> AsyncIterator[object]:
+    clients: list[RawClient] = []
+
+    async def open_client(target: Gateway = gateway) -> RawClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", target.proxy.server.port)
+        clients.append(RawClient(reader, writer))
+        return clients[-1]
+
+    yield open_client
+    for client in clients:
+        client.writer.close()
+
+
+def _get(path: str, token: str, extra: str = "", version: str = "1.1") -> bytes:
+    return f"GET {path} HTTP/{version}\r\nHost: api\r\nAuthorization: Bearer {token}\r\n{extra}\r\n".encode()
+
+
+async def test_pipelined_requests_are_answered_in_order(gateway: Gateway, connect: object) -> None:
+    token = (await gateway.create_token())["token"]
+    client = await connect()  # type: ignore[operator]
+    body = b"x" * 10
+    await client.send(
+        _get("/first", token)
+        + f"POST /second HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\nContent-Length: 10\r\n\r\n".encode()
+        + body
+        + _get("/third", "wrong")
+        + _get("/fourth", token)
+    )
+    answers = [await client.response() for _ in range(4)]
+    assert [status for status, _, _ in answers] == [200, 200, 401, 200]
+    assert json.loads(answers[0][2])["raw_path"] == "/first"
+    assert json.loads(answers[1][2])["body"] == "x" * 10
+    assert json.loads(answers[2][2])["code"] == "invalid_token"
+    assert json.loads(answers[3][2])["raw_path"] == "/fourth"
+
+
+async def test_http_1_0_closes_unless_asked_to_keep_alive(gateway: Gateway, connect: object) -> None:
+    token = (await gateway.create_token())["token"]
+    client = await connect()  # type: ignore[operator]
+    await client.send(_get("/a", token, "Connection: keep-alive\r\n", version="1.0"))
+    status, headers, _ = await client.response()
+    assert status == 200 and headers["connection"] == "keep-alive"
+    await client.send(_get("/b", token, version="1.0"))
+    status, headers, _ = await client.response()
+    assert status == 200 and headers["connection"] == "close"
+    assert await client.closed_by_server()
+
+
+async def test_a_body_of_unknown_length_is_chunked_for_1_1_and_close_delimited_for_1_0(
+    gateway: Gateway, connect: object
+) -> None:
+    token = (await gateway.create_token())["token"]
+    expected = (bytes(range(256)) * 256 * 4)[:200_000]
+    client = await connect()  # type: ignore[operator]
+    await client.send(_get("/download?bytes=200000&chunked=1", token))
+    status, headers, body = await client.response()
+    assert status == 200 and headers["transfer-encoding"] == "chunked" and "content-length" not in headers
+    assert body == expected
+    await client.send(_get("/api/posts", token))  # the connection is still usable
+    assert (await client.response())[0] == 200
+
+    old = await connect()  # type: ignore[operator]
+    await old.send(_get("/download?bytes=200000&chunked=1", token, version="1.0"))
+    status, headers, body = await old.response()
+    assert status == 200 and "transfer-encoding" not in headers and "content-length" not in headers
+    assert body == expected
+
+
+async def test_head_keeps_the_connection_in_step(gateway: Gateway, connect: object) -> None:
+    token = (await gateway.create_token())["token"]
+    client = await connect()  # type: ignore[operator]
+    await client.send(
+        _get("/download?bytes=1000", token).replace(b"GET", b"HEAD", 1) + _get("/after-head", token)
+    )
+    status, headers, _ = await client.response(head_only=True)
+    assert status == 200 and headers["content-length"] == "1000"
+    status, _, body = await client.response()
+    assert status == 200 and json.loads(body)["raw_path"] == "/after-head"
+
+
+async def test_expect_100_continue_is_answered_only_for_an_accepted_request(
+    gateway: Gateway, connect: object, upstream: Upstream
+) -> None:
+    token = (await gateway.create_token())["token"]
+    body = b"payload" * 1000
+    head = "POST /sha256 HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n"
+
+    client = await connect()  # type: ignore[operator]
+    await client.send(head.format(token, len(body)).encode())
+    interim, _, _ = await client.response()
+    assert interim == 100
+    await client.send(body)
+    status, _, answer = await client.response()
+    assert status == 200 and json.loads(answer) == {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
+    assert "expect" not in {name.lower() for name in upstream.last["headers"]}
+
+    refused = await connect()  # type: ignore[operator]
+    await refused.send(head.format("not-a-token", len(body)).encode())
+    status, headers, answer = await refused.response()
+    assert status == 401 and json.loads(answer)["code"] == "invalid_token"
+    assert headers["connection"] == "close"  # the body it did not send cannot be told from a next request
+    assert await refused.closed_by_server()
+
+
+async def test_malformed_request_gets_400_problem_and_close(gateway: Gateway, connect: object) -> None:
+    client = await connect()  # type: ignore[operator]
+    await client.send(b"GET / HTTP/1.1\r\nHost: api\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")
+    status, headers, body = await client.response()
+    assert status == 400 and headers["content-type"] == "application/problem+json"
+    assert json.loads(body)["code"] == "bad_request"
+    assert await client.closed_by_server()
+
+
+async def test_a_request_head_that_never_ends_gets_408(start_gateway: GatewayFactory) -> None:
+    gateway = await start_gateway(client_header_timeout=0.2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy.server.port)
+    writer.write(b"GET /api/posts HTTP/1.1\r\nHost: api\r\nX-Slow: ")
+    reply = await asyncio.wait_for(reader.read(), timeout=10)
+    writer.close()
+    assert reply.startswith(b"HTTP/1.1 408 ") and b'"code": "client_timeout"' in reply
+
+
+async def test_idle_keep_alive_connections_are_closed(start_gateway: GatewayFactory) -> None:
+    gateway = await start_gateway(keepalive_timeout=0.2)
+    token = (await gateway.create_token())["token"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy.server.port)
+    client = RawClient(reader, writer)
+    await client.send(_get("/api/posts", token))
+    assert (await client.response())[0] == 200
+    assert await client.closed_by_server()
+    writer.close()
+
+
+async def test_upgrade_requests_are_answered_as_plain_http_then_closed(
+    gateway: Gateway, connect: object, upstream: Upstream
+) -> None:
+    token = (await gateway.create_token())["token"]
+    client = await connect()  # type: ignore[operator]
+    await client.send(_get("/socket", token, "Connection: Upgrade\r\nUpgrade: websocket\r\n"))
+    status, headers, _ = await client.response()
+    assert status == 200 and headers["connection"] == "close"
+    assert "upgrade" not in {name.lower() for name in upstream.last["headers"]}
+    assert await client.closed_by_server()
+
+
+async def test_a_request_target_that_is_not_a_path_is_refused(gateway: Gateway, connect: object) -> None:
+    token = (await gateway.create_token())["token"]
+    client = await connect()  # type: ignore[operator]
+    await client.send(
+        f"OPTIONS * HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        + _get("/still-served", token)
+    )
+    status, _, body = await client.response()
+    assert status == 400 and json.loads(body)["code"] == "invalid_request_target"
+    assert (await client.response())[0] == 200
+
+
+async def test_responses_carry_a_date_and_no_server_banner(gateway: Gateway, connect: object) -> None:
+    client = await connect()  # type: ignore[operator]
+    await client.send(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
+    status, headers, _ = await client.response()
+    assert status == 401 and headers["date"].endswith(" GMT") and "server" not in headers
