@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import NamedTuple
 
 from gateway.credentials import invalid_token
 from gateway.failure_limits import FailureLimits
@@ -21,6 +22,11 @@ from gateway.problems import GatewayError
 from gateway.secrets import SecretHasher, digests_equal
 from gateway.token_cache import CachedToken, TokenCache
 from gateway.token_format import TokenString, checksum_matches, split_token
+
+
+class IdentifiedToken(NamedTuple):
+    token: TokenString
+    digest: bytes  # the memo digest of the secret: what the cache entry's memo is compared with
 
 
 def _token_refused(code: str, detail: str) -> GatewayError:
@@ -37,13 +43,18 @@ class Authenticator:
         self._prefix = prefix
         self._limits = limits or FailureLimits()
 
-    async def authenticate(self, presented: str, source: str) -> CachedToken:
-        """The token, if `presented` is its current secret (or its previous one, in grace); `source` is the
-        caller's address key, for limiting wrong secrets."""
+    def identify(self, presented: str) -> IdentifiedToken:
+        """The token's parts and memo digest, without the checksum or the store: a caller that sees the same
+        string again (the next request on a connection) can hand this back to `authenticate`."""
         token = split_token(presented, self._prefix)
         if token is None:
             raise invalid_token()
-        digest = self._hasher.memo_digest(token.token_id, token.secret)
+        return IdentifiedToken(token, self._hasher.memo_digest(token.token_id, token.secret))
+
+    async def authenticate(self, presented: str | IdentifiedToken, source: str) -> CachedToken:
+        """The token, if `presented` is its current secret (or its previous one, in grace); `source` is the
+        caller's address key, for limiting wrong secrets."""
+        token, digest = self.identify(presented) if isinstance(presented, str) else presented
         known = self._cache.peek(token.token_id)
         if (known is None or not self._memo_accepts(known, digest)) and not checksum_matches(token):
             raise invalid_token()

@@ -46,8 +46,6 @@ HOP_BY_HOP_HEADERS = frozenset(
 )
 # Set by the gateway alone: whatever a client sends under these names is dropped.
 GATEWAY_HEADER_PREFIX = b"x-gateway-"
-TOKEN_ID_HEADER = "X-Gateway-Token-Id"
-ACCESS_LEVEL_HEADER = "X-Gateway-Access-Level"
 # Dropped from the client's request: the credential, framing, the Host we replace, and forwarding claims that
 # we rewrite ourselves (or believe only from a trusted proxy).
 # `Expect: 100-continue` is answered by the gateway itself (http_server.py), once the request is accepted.
@@ -71,21 +69,20 @@ def _connection_listed(values: list[bytes]) -> frozenset[bytes]:
     return frozenset(listed - {b"", b"close", b"keep-alive"})
 
 
-def upstream_request_head(
-    request: HttpRequest,
-    *,
-    host: bytes,
-    token_id: str,
-    access_level: str,
-    peer_trusted: bool,
-) -> bytes:
-    """The header block sent upstream, as `Name: value\\r\\n` lines (the upstream client adds framing)."""
+def upstream_request_head(request: HttpRequest, *, host: bytes, peer_trusted: bool) -> bytes:
+    """The client's headers as sent upstream, as `Name: value\\r\\n` lines: hop-by-hop, credential and
+    gateway-owned headers dropped, forwarding headers rewritten. The upstream client adds framing; the caller
+    adds `gateway_headers`."""
     dropped = REQUEST_HEADERS_DROPPED if peer_trusted else UNTRUSTED_REQUEST_HEADERS_DROPPED
     lines, connection = _forwarded_lines(request, host, dropped, peer_trusted)
     if connection and (listed := _connection_listed(connection)):
         lines, _ = _forwarded_lines(request, host, dropped | listed, peer_trusted)
-    lines += (b"X-Gateway-Token-Id: ", token_id.encode(), b"\r\nX-Gateway-Access-Level: ", access_level.encode(), b"\r\n")
     return b"".join(lines)
+
+
+def gateway_headers(token_id: str, access_level: str) -> bytes:
+    """What the gateway tells the upstream about the caller (clients can never set these names)."""
+    return b"X-Gateway-Token-Id: %s\r\nX-Gateway-Access-Level: %s\r\n" % (token_id.encode(), access_level.encode())
 
 
 def _forwarded_lines(

@@ -191,6 +191,15 @@ class HttpRequest:
         self._error: GatewayError | None = None
 
     @property
+    def connection_state(self) -> object:
+        """Whatever the handler kept on this connection from its previous request (None at first)."""
+        return self._conn.handler_state
+
+    @connection_state.setter
+    def connection_state(self, value: object) -> None:
+        self._conn.handler_state = value
+
+    @property
     def closing(self) -> bool:
         """Whether the connection ends after this response (the client asked, or the server is stopping)."""
         return not self.keep_alive or self._conn.closing
@@ -265,6 +274,7 @@ class HttpConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self.peer: str | None = None
+        self.handler_state: object = None
         self.closing = False
         self._lost = False
         # The message being parsed.

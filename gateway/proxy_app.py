@@ -10,16 +10,24 @@ holds the plane's lifecycle (the upstream pool, the usage writer, the token-chan
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 
 from aiohttp import web
 
 from gateway.access_levels import normalize_path
-from gateway.authenticator import Authenticator
+from gateway.authenticator import Authenticator, IdentifiedToken
+from gateway.client_ip import ClientAddress
 from gateway.background import background_task
 from gateway.core import Core, core_key
 from gateway.credentials import presented_token
 from gateway.failure_limits import FailureLimits, source_key
-from gateway.forward import UpstreamForwarder, body_too_large, open_upstream_pool, upstream_request_head
+from gateway.forward import (
+    UpstreamForwarder,
+    body_too_large,
+    gateway_headers,
+    open_upstream_pool,
+    upstream_request_head,
+)
 from gateway.http_server import HttpLimits, HttpRequest, RequestHandler, http_handler_key, http_limits_key
 from gateway.problems import GatewayError
 
@@ -43,10 +51,11 @@ class ProxyHandler:
             # An absolute-form target appended to the upstream URL would put its scheme into the upstream host
             # name ("http://api" + "admin://x/y" connects to "apiadmin"): only origin-form paths are forwarded.
             raise GatewayError(400, "invalid_request_target", "The request target must be a path, such as /api/posts.")
-        authorization, forwarded_for = _credential_headers(request.headers)
-        presented = presented_token(authorization, self._settings.token_prefix)
-        client_ip, peer_trusted = self._client_ips.resolve(request.peer, forwarded_for)
-        token = await self._authenticator.authenticate(presented, source_key(client_ip))
+        seen = request.connection_state
+        if not isinstance(seen, _SeenHeaders) or seen.headers != request.headers:
+            seen = request.connection_state = self._read_headers(request)
+        client_ip = seen.client_ip
+        token = await self._authenticator.authenticate(seen.identified, source_key(client_ip))
         token_id = request.token_id = token.record.id
 
         if token.ip_ranges is not None and (client_ip is None or client_ip not in token.ip_ranges):
@@ -68,15 +77,26 @@ class ProxyHandler:
             raise body_too_large(max_body)
 
         self._usage.record(token_id, client_ip)
-        forwarder = self._forwarder
-        head = upstream_request_head(
-            request,
-            host=forwarder.host,
-            token_id=token_id,
-            access_level=token.record.access_level,
-            peer_trusted=peer_trusted,
-        )
-        await forwarder.forward(request, head, max_body=max_body)
+        head = seen.upstream_head + gateway_headers(token_id, token.record.access_level)
+        await self._forwarder.forward(request, head, max_body=max_body)
+
+    def _read_headers(self, request: HttpRequest) -> _SeenHeaders:
+        authorization, forwarded_for = _credential_headers(request.headers)
+        identified = self._authenticator.identify(presented_token(authorization, self._settings.token_prefix))
+        client_ip, peer_trusted = self._client_ips.resolve(request.peer, forwarded_for)
+        upstream_head = upstream_request_head(request, host=self._forwarder.host, peer_trusted=peer_trusted)
+        return _SeenHeaders(request.headers, identified, client_ip, upstream_head)
+
+
+class _SeenHeaders(NamedTuple):
+    """What a connection's last request headers said. API clients send the same headers on every request of
+    a connection, so comparing the list (in C) replaces reading them again; the token itself is still judged
+    against its cache entry on every request."""
+
+    headers: list[tuple[bytes, bytes]]
+    identified: IdentifiedToken
+    client_ip: ClientAddress | None
+    upstream_head: bytes
 
 
 def _credential_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, list[str]]:

@@ -216,3 +216,28 @@ async def test_responses_carry_a_date_and_no_server_banner(gateway: Gateway, con
     await client.send(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
     status, headers, _ = await client.response()
     assert status == 401 and headers["date"].endswith(" GMT") and "server" not in headers
+
+
+async def test_repeated_headers_on_a_connection_never_outlive_a_revocation(gateway: Gateway, connect: object) -> None:
+    created = await gateway.create_token()
+    token, token_id = created["token"], created["id"]
+    client = await connect()  # type: ignore[operator]
+    request = _get("/api/posts", token)
+    await client.send(request)
+    assert (await client.response())[0] == 200
+
+    assert (await gateway.admin_call("POST", f"/v1/tokens/{token_id}/disable"))[0] == 200
+    await client.send(request)  # byte for byte the same request, on the same connection
+    status, _, body = await client.response()
+    assert status == 401 and json.loads(body)["code"] == "token_disabled"
+
+    assert (await gateway.admin_call("POST", f"/v1/tokens/{token_id}/enable"))[0] == 200
+    await client.send(request)
+    assert (await client.response())[0] == 200
+    status, rotated = await gateway.admin_call("POST", f"/v1/tokens/{token_id}/rotate", json={"grace_seconds": 0})
+    assert status == 200
+    await client.send(request)
+    status, _, body = await client.response()
+    assert status == 401 and json.loads(body)["code"] == "invalid_token"
+    await client.send(_get("/api/posts", rotated["token"]))
+    assert (await client.response())[0] == 200
