@@ -250,7 +250,9 @@ class UpstreamForwarder:
         bodiless = request.method == "HEAD" or status in BODILESS_STATUSES
         if not bodiless and length is not None and length <= SMALL_BODY:
             try:
-                body = await upstream.read_all(SMALL_BODY)
+                body = upstream.complete_body()
+                if body is None:
+                    body = await upstream.read_all(SMALL_BODY)
             except (UpstreamError, OSError) as error:
                 log.warning("upstream response broke off: %s", type(error).__name__)
                 raise GatewayError(502, "upstream_unavailable", "The upstream response broke off.") from None

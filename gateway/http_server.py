@@ -269,6 +269,7 @@ class HttpConnection(asyncio.Protocol):
 
     def __init__(self, server: HttpServer) -> None:
         self._server = server
+        self._handler = server.handler
         self.loop = server.loop
         self._limits = server.limits
         self._parser = httptools.HttpRequestParser(self)
@@ -447,7 +448,7 @@ class HttpConnection(asyncio.Protocol):
         try:
             if request._error is not None:
                 raise request._error
-            await self._server.handler(request)
+            await self._handler(request)
         except (ConnectionError, asyncio.CancelledError):
             if not self._lost:
                 raise

@@ -150,6 +150,17 @@ class UpstreamResponse:
             raise StopAsyncIteration
         return data
 
+    def complete_body(self) -> bytes | None:
+        """The whole body when it has already arrived (the usual case for a small answer), else None."""
+        if not self._done or self._error is not None:
+            return None
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        self._detach(True)
+        return data
+
     async def read_all(self, limit: int) -> bytes:
         parts: list[bytes] = []
         size = 0

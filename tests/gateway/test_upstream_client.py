@@ -823,3 +823,23 @@ def test_bodies_reuse_and_odd_answers_under_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+async def test_complete_body_hands_out_a_body_that_has_arrived_and_returns_the_connection(
+    make_pool: PoolFactory, chunked_upstream: int
+) -> None:
+    pool = make_pool(chunked_upstream)
+    response = await pool.request("GET", "/download?bytes=100", host(chunked_upstream))
+    bodies: list[bytes | None] = []
+
+    async def arrived() -> bool:
+        bodies.append(response.complete_body())
+        return bodies[-1] is not None
+
+    await eventually(arrived)
+    assert bodies[-1] == BLOCK[:100]
+    assert pool.idle_count == 1
+
+    large = await pool.request("GET", "/download?bytes=50000000", host(chunked_upstream))
+    assert large.complete_body() is None  # 50 MB cannot have arrived with the head
+    assert len(await large.read_all(50_000_000)) == 50_000_000
