@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from gateway.http_server import HttpRequest, RequestBody, date_header
 from gateway.problems import GatewayError
 from gateway.upstream_client import (
+    HOP_BY_HOP_HEADERS,
     UpstreamConnectError,
     UpstreamConnectionError,
     UpstreamError,
@@ -28,22 +29,9 @@ from gateway.upstream_client import (
 
 log = logging.getLogger(__name__)
 
-# RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded. Headers named in a
-# `Connection` header are dropped too. Content-Length and Transfer-Encoding are framing: the upstream client
-# writes its own, from the body it actually sends.
-HOP_BY_HOP_HEADERS = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
+# Hop-by-hop headers (upstream_client.HOP_BY_HOP_HEADERS) and those named in a `Connection` header are
+# never forwarded. Content-Length and Transfer-Encoding are framing: the upstream client writes its own, from
+# the body it actually sends.
 # Set by the gateway alone: whatever a client sends under these names is dropped.
 GATEWAY_HEADER_PREFIX = b"x-gateway-"
 # Dropped from the client's request: the credential, framing, the Host we replace, and forwarding claims that
@@ -57,8 +45,6 @@ REQUEST_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | frozenset(
 )
 UNTRUSTED_FORWARDING_HEADERS = frozenset({b"forwarded", b"x-real-ip"})
 UNTRUSTED_REQUEST_HEADERS_DROPPED = REQUEST_HEADERS_DROPPED | UNTRUSTED_FORWARDING_HEADERS
-# Response headers the server side sets from what it sends.
-RESPONSE_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | frozenset({b"content-length"})
 SMALL_BODY = 64 * 1024
 BODILESS_STATUSES = frozenset({204, 304})
 
@@ -151,28 +137,8 @@ class _BodyGuard:
 
 
 def _response_headers(upstream: UpstreamResponse) -> bytes:
-    """The upstream's headers for the client, minus hop-by-hop and framing, with a Date if it sent none."""
-    lines: list[bytes] = []
-    connection: list[bytes] = []
-    dated = False
-    for name, value in upstream.headers:
-        lower = name.lower()
-        if lower in RESPONSE_HEADERS_DROPPED:
-            if lower == b"connection":
-                connection.append(value)
-            continue
-        dated = dated or lower == b"date"
-        lines += (name, b": ", value, b"\r\n")
-    if connection and (listed := _connection_listed(connection)):
-        lines = [
-            line
-            for name, value in upstream.headers
-            if (lower := name.lower()) not in RESPONSE_HEADERS_DROPPED and lower not in listed
-            for line in (name, b": ", value, b"\r\n")
-        ]
-    if not dated:
-        lines.append(date_header())
-    return b"".join(lines)
+    """The upstream's end-to-end headers for the client, with a Date if it sent none."""
+    return upstream.relay_headers if upstream.has_date else upstream.relay_headers + date_header()
 
 
 def _reason(upstream: UpstreamResponse) -> bytes:

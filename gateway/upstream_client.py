@@ -24,6 +24,24 @@ Body = bytes | bytearray | memoryview | AsyncIterator[bytes] | None
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 # Written by the pool from `body`, `content_length` and `chunked`; refused in the caller's headers.
 FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
+# RFC 9110 section 7.6.1: meaningful for one connection only; a proxy never relays them (nor the headers a
+# `Connection` header names).
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Not relayed by `UpstreamResponse.relay_headers`: hop-by-hop, and the framing the relaying side writes itself.
+_NOT_RELAYED = HOP_BY_HOP_HEADERS | {b"content-length"}
+_NOT_RELAYED_LENGTHS = frozenset(len(name) for name in _NOT_RELAYED)
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*\r\n)*")
@@ -76,7 +94,8 @@ class UpstreamResponse:
     """
 
     __slots__ = (
-        "status", "reason", "headers", "content_length", "will_close", "body_length_known", "max_buffered",
+        "status", "reason", "headers", "relay_headers", "has_date", "content_length", "will_close",
+        "body_length_known", "max_buffered",
         "_conn", "_chunks", "_buffered", "_high_water", "_paused", "_done", "_error", "_waiter",
     )
 
@@ -91,10 +110,16 @@ class UpstreamResponse:
         body_length_known: bool,
         conn: _Connection | None = None,
         high_water: int = 256 * 1024,
+        relay_headers: bytes = b"",
+        has_date: bool = False,
     ) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers  # as received: names keep their case, values are raw bytes
+        # For a proxy: the end-to-end headers (hop-by-hop, those named by Connection and Content-Length
+        # left out) as `Name: value\r\n` lines, and whether a Date header is among them.
+        self.relay_headers = relay_headers
+        self.has_date = has_date
         self.content_length = content_length  # the header's value (for HEAD and 304 it describes no body)
         self.will_close = will_close
         self.body_length_known = body_length_known  # False: the body ends when the upstream closes
@@ -240,6 +265,7 @@ class _Connection(asyncio.Protocol):
         "active", "head_waiter", "response", "awaiting_head", "informational", "received_any", "is_head",
         "head_pending", "parser_spent", "write_paused", "write_waiter", "failed",
         "m_headers", "m_reason", "m_size", "m_length", "m_te", "m_chunked", "m_close", "m_keep_alive",
+        "m_relay", "m_dated", "m_listed",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -330,6 +356,8 @@ class _Connection(asyncio.Protocol):
         self.m_size = 0
         self.m_length: int | None = None
         self.m_te = self.m_chunked = self.m_close = self.m_keep_alive = False
+        self.m_relay: list[bytes] = []
+        self.m_dated = self.m_listed = False
 
     def on_status(self, reason: bytes) -> None:
         self.m_reason += reason
@@ -339,8 +367,8 @@ class _Connection(asyncio.Protocol):
         self.m_size += len(name) + len(value) + 4
         if self.m_size > self.pool._max_header_bytes:
             raise self._head_too_large()
-        if len(name) in (10, 14, 17):
-            lower = name.lower()
+        size = len(name)
+        if size in _NOT_RELAYED_LENGTHS and (lower := name.lower()) in _NOT_RELAYED:
             if lower == b"content-length":
                 self.m_length = int(value)
             elif lower == b"transfer-encoding":
@@ -350,6 +378,26 @@ class _Connection(asyncio.Protocol):
                 tokens = {token.strip() for token in value.lower().split(b",")}
                 self.m_close = self.m_close or b"close" in tokens
                 self.m_keep_alive = self.m_keep_alive or b"keep-alive" in tokens
+                self.m_listed = self.m_listed or bool(tokens - {b"close", b"keep-alive", b""})
+            return
+        self.m_relay += (name, b": ", value, b"\r\n")
+        if size == 4 and name.lower() == b"date":
+            self.m_dated = True
+
+    def _relay_headers(self) -> bytes:
+        if not self.m_listed:
+            return b"".join(self.m_relay)
+        listed = {
+            token.strip()
+            for name, value in self.m_headers
+            if name.lower() == b"connection"
+            for token in value.lower().split(b",")
+        }
+        return b"".join(
+            b"%s: %s\r\n" % (name, value)
+            for name, value in self.m_headers
+            if (lower := name.lower()) not in _NOT_RELAYED and lower not in listed
+        )
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -379,6 +427,8 @@ class _Connection(asyncio.Protocol):
             body_length_known=not has_body or (self.m_chunked if self.m_te else self.m_length is not None),
             conn=self,
             high_water=self.pool._read_high_water,
+            relay_headers=self._relay_headers(),
+            has_date=self.m_dated,
         )
         if not has_body:
             response._done = True

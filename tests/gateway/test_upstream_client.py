@@ -843,3 +843,25 @@ async def test_complete_body_hands_out_a_body_that_has_arrived_and_returns_the_c
     large = await pool.request("GET", "/download?bytes=50000000", host(chunked_upstream))
     assert large.complete_body() is None  # 50 MB cannot have arrived with the head
     assert len(await large.read_all(50_000_000)) == 50_000_000
+
+
+@pytest.mark.parametrize(
+    ("extra", "relayed", "has_date"),
+    [
+        (("X-End: 1", "Date: Sat, 28 Nov 2026 04:00:00 GMT"), b"X-End: 1\r\nDate: Sat, 28 Nov 2026 04:00:00 GMT\r\n", True),
+        (("Connection: keep-alive", "Keep-Alive: timeout=5", "X-End: 1"), b"X-End: 1\r\n", False),
+        (("X-Hop: secret", "Connection: X-Hop, keep-alive", "Trailer: X", "X-End: 1"), b"X-End: 1\r\n", False),
+    ],
+)
+async def test_relay_headers_leave_out_hop_by_hop_framing_and_connection_listed_headers(
+    extra: tuple[str, ...],
+    relayed: bytes,
+    has_date: bool,
+    make_pool: PoolFactory,
+    raw_server: Callable[[Handler], Awaitable[RawServer]],
+) -> None:
+    server = await raw_server(keep_alive(lambda head, _: answer(b"body", *extra)))
+    pool = make_pool(server.port)
+    response = await pool.request("GET", "/", host(server.port), None)
+    assert (response.relay_headers, response.has_date) == (relayed, has_date)
+    assert await response.read_all(100) == b"body"
