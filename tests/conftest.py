@@ -22,6 +22,8 @@ from gateway.core import Core, open_core
 from gateway.http_server import HttpRunner
 from gateway.proxy_app import create_proxy_app
 from gateway.settings import Settings, load_settings
+from gateway.store import SQLiteStore
+from gateway.tokens import TokenRecord
 from tests.redis_server import RedisServer
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
@@ -148,6 +150,25 @@ def make_settings(tmp_path: Path, upstream: Upstream) -> SettingsFactory:
         return load_settings(environ={}, overrides=values)
 
     return make
+
+
+class GatedStore(SQLiteStore):
+    """The real SQLite store on the same file, whose token reads are held back after they ran.
+
+    It forces the interleaving a busy process can produce: a cache fill reads the store before a change
+    commits, and its answer arrives after the change was written through.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.read_done = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def get_token(self, token_id: str) -> TokenRecord | None:
+        record = await super().get_token(token_id)
+        self.read_done.set()
+        await self.gate.wait()
+        return record
 
 
 class ProxyTestServer(TestServer):

@@ -7,7 +7,6 @@ finds things) and at the proxy (a token copied out of the page works, or stops w
 from __future__ import annotations
 
 import os
-
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field

@@ -13,11 +13,9 @@ import pytest
 import redis.asyncio as redis
 
 from gateway.redis_tokens import RedisTokens
-from gateway.store import SQLiteStore
 from gateway.token_cache import TokenCache
 from gateway.token_format import issue_token, parse_token
-from gateway.tokens import TokenRecord
-from tests.conftest import ADMIN_KEY, Gateway, GatewayFactory, eventually
+from tests.conftest import ADMIN_KEY, GatedStore, Gateway, GatewayFactory, eventually
 from tests.redis_server import RedisServer
 
 
@@ -110,21 +108,6 @@ async def test_a_token_filled_by_one_replica_is_read_from_redis_by_the_other(clu
     reads = second.core.store.reads
     assert (await second.call(token)).status == 200
     assert second.core.store.reads == reads  # the admin's write-through (or the first fill) was in Redis
-
-
-class GatedStore(SQLiteStore):
-    """The real store on the same file; a token read runs at once but its answer is held back."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.read_done = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    async def get_token(self, token_id: str) -> TokenRecord | None:
-        record = await super().get_token(token_id)
-        self.read_done.set()
-        await self.gate.wait()
-        return record
 
 
 async def test_a_fill_that_read_the_store_before_a_revoke_cannot_overwrite_it(

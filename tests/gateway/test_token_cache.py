@@ -4,33 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
-from gateway.store import SQLiteStore
 from gateway.token_cache import TokenCache
-from gateway.tokens import TokenRecord
-from tests.conftest import Gateway, GatewayFactory
-
-
-class GatedStore(SQLiteStore):
-    """The real SQLite store on the same file, whose token reads are held back after they ran.
-
-    It forces the interleaving a busy process can produce: a cache fill reads the store before a change
-    commits, and its answer arrives after the change was written through.
-    """
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.read_done = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    async def get_token(self, token_id: str) -> TokenRecord | None:
-        record = await super().get_token(token_id)
-        self.read_done.set()
-        await self.gate.wait()
-        return record
+from tests.conftest import GatedStore, Gateway, GatewayFactory
 
 
 @pytest.fixture

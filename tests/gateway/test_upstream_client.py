@@ -21,8 +21,8 @@ from pytest_aiohttp import AiohttpServer
 from gateway.upstream_client import (
     UpstreamBodyError,
     UpstreamConnectError,
-    UpstreamConnectTimeout,
     UpstreamConnectionError,
+    UpstreamConnectTimeout,
     UpstreamError,
     UpstreamPool,
     UpstreamProtocolError,
