@@ -24,6 +24,7 @@ from gateway.tokens import (
     TokenStatus,
     format_time,
     parse_stored_time,
+    record_from_json,
 )
 
 T = TypeVar("T")
@@ -126,23 +127,8 @@ def _token_row(record: TokenRecord) -> tuple[Any, ...]:
 
 
 def _token_from_row(row: sqlite3.Row) -> TokenRecord:
-    return TokenRecord(
-        id=row["id"],
-        name=row["name"],
-        access_level=row["access_level"],
-        allowed_ip_ranges=tuple(json.loads(row["allowed_ip_ranges"])),
-        status=TokenStatus(row["status"]),
-        expires_at=parse_stored_time(row["expires_at"]),
-        created_at=parse_stored_time(row["created_at"]),  # type: ignore[arg-type]
-        updated_at=parse_stored_time(row["updated_at"]),  # type: ignore[arg-type]
-        rotated_at=parse_stored_time(row["rotated_at"]),
-        last_used_at=parse_stored_time(row["last_used_at"]),
-        last_used_ip=row["last_used_ip"],
-        secret_hash=row["secret_hash"],
-        previous_secret_hash=row["previous_secret_hash"],
-        previous_secret_expires_at=parse_stored_time(row["previous_secret_expires_at"]),
-        version=row["version"],
-    )
+    """A row holds the record's JSON form, with its ranges as a JSON text column."""
+    return record_from_json({**dict(row), "allowed_ip_ranges": json.loads(row["allowed_ip_ranges"])})
 
 
 def _event_from_row(row: sqlite3.Row) -> AuditEvent:
