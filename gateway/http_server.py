@@ -36,6 +36,7 @@ RequestHandler = Callable[["HttpRequest"], Awaitable[None]]
 BODY_HIGH_WATER = 256 * 1024  # buffered request body bytes before the socket stops being read
 LINGER_SECONDS = 2.0  # how long unread request bytes are drained after a final answer, so it is not reset
 SWEEP_INTERVAL = 1.0
+MAX_PIPELINE = 16  # parsed requests waiting on one connection before its socket stops being read
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,12 @@ class RequestBody:
     def finish(self) -> None:
         self._done = True
         self._wake()
+
+    def discard(self) -> None:
+        """Drop what the handler did not read (it answered without the body)."""
+        self._chunks.clear()
+        self._buffered = 0
+        self._conn.body_drained()
 
     def fail(self, error: BaseException) -> None:
         if not self._done:
@@ -281,14 +288,17 @@ class HttpConnection(asyncio.Protocol):
         # The message being parsed.
         self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._in_head = True
-        self._head_bytes = 0
+        self._head_started = False  # from a message's first byte until its headers are complete
+        self._head_bytes = 0  # bytes of the incomplete head received after the read it began in
+        self._messages = 0  # requests begun on this connection
+        self._trailer_bytes = 0
         self._reading_body: RequestBody | None = None
         # Requests parsed and waiting, and the task answering them.
         self._pipeline: deque[HttpRequest] = deque()
         self._task: asyncio.Task[None] | None = None
         self._deadline: float | None = self.loop.time() + self._limits.header_timeout
         self._reading_paused = False
+        self._body_backlogged = False
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._lingering = False
@@ -320,16 +330,15 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._lingering or self._upgraded:
             return  # the rest of a refused body, or bytes after an upgrade we do not perform
-        if self._in_head:
-            self._head_bytes += len(data)
+        ongoing_head = self._messages if self._head_started else -1
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # Upgrades (WebSocket) are not proxied: the request was answered as plain HTTP, without its
-            # Upgrade header, and the connection ends after it.
+            # Upgrades (WebSocket) are not proxied: the upgrade request (the last one parsed) is answered as
+            # plain HTTP, without its Upgrade header, and the connection ends after it.
             self._upgraded = True
-            for request in self._pipeline:
-                request.keep_alive = False
+            if self._pipeline:
+                self._pipeline[-1].keep_alive = False
             return
         except httptools.HttpParserCallbackError as error:
             if isinstance(error.__context__, _HeadTooLarge):
@@ -340,32 +349,45 @@ class HttpConnection(asyncio.Protocol):
             detail = str(error.args[0]) if error.args else "malformed request"
             self._refuse(400, "bad_request", f"The request is not valid HTTP/1.1: {detail}.")
             return
-        if self._in_head and self._head_bytes > self._limits.max_head_bytes:
-            self._refuse(431, "headers_too_large", "The request head is too large.")
+        if self._head_started and self._messages == ongoing_head:
+            # The same head is still incomplete after a whole further read: every byte of it was head. Bound
+            # what the parser holds (the read in which the head began is not counted: one read at most).
+            self._head_bytes += len(data)
+            if self._head_bytes > self._limits.max_head_bytes:
+                self._refuse(431, "headers_too_large", "The request head is too large.")
+        self._update_reading()
 
     def eof_received(self) -> bool | None:
         """The client stopped sending: answer what it asked (it may still read), then close."""
         self.closing = True
         if self._reading_body is not None:
-            self._reading_body.fail(ConnectionResetError("the client closed the connection mid-body"))
+            self._reading_body.fail(
+                GatewayError(400, "incomplete_body", "The connection ended before the request body did.")
+            )
+            self._reading_body = None
         for request in self._pipeline:
             request.keep_alive = False
         return True if self._task is not None else None
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
+        self._update_reading()
 
     # -- parser callbacks ----------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._target = b""
         self._headers = []
-        self._in_head = True
+        self._head_started = True
+        self._head_bytes = 0
+        self._messages += 1
+        self._trailer_bytes = 0
         if self._task is None:
             self._deadline = self.loop.time() + self._limits.header_timeout
 
@@ -375,9 +397,16 @@ class HttpConnection(asyncio.Protocol):
             raise _HeadTooLarge(f"The request line is longer than {self._limits.max_header_bytes} bytes.")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        limits = self._limits
+        if not self._head_started:
+            # A trailer field after a chunked body: never a request header (they were judged already); only
+            # its size is bounded.
+            self._trailer_bytes += len(name) + len(value) + 4
+            if self._trailer_bytes > limits.max_header_bytes:
+                raise _HeadTooLarge(f"The request's trailer section is longer than {limits.max_header_bytes} bytes.")
+            return
         headers = self._headers
         headers.append((name, value))
-        limits = self._limits
         if len(headers) > limits.max_header_count:
             raise _HeadTooLarge(f"The request has more than {limits.max_header_count} headers.")
         if len(name) + len(value) + 2 > limits.max_header_bytes:
@@ -387,11 +416,11 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        self._in_head = False
+        self._head_started = False
         self._head_bytes = 0
         body = None
         version = parser.get_http_version()
-        has_body, length, expect = _body_framing(self._headers)
+        has_body, length, expect, coding_ok = _body_framing(self._headers)
         if has_body:
             body = self._reading_body = RequestBody(self, expect_continue=expect and version == "1.1")
         request = HttpRequest(
@@ -404,6 +433,11 @@ class HttpConnection(asyncio.Protocol):
             body,
             length,
         )
+        if not coding_ok:
+            request._error = GatewayError(
+                501, "unsupported_transfer_coding", "Only the chunked transfer coding is supported."
+            )
+            request.keep_alive = False
         self._pipeline.append(request)
         if self._task is None:
             self._deadline = None
@@ -417,8 +451,6 @@ class HttpConnection(asyncio.Protocol):
         if self._reading_body is not None:
             self._reading_body.finish()
             self._reading_body = None
-        self._in_head = True  # what follows is the next request's head
-        self._head_bytes = 0
 
     # -- answering -----------------------------------------------------------------------------------------
 
@@ -432,27 +464,38 @@ class HttpConnection(asyncio.Protocol):
                 started = self.loop.time() if server.access_log is not None else 0.0
                 await self._run_handler(request)
                 pipeline.popleft()
+                if request.body is not None:
+                    request.body.discard()
                 if server.access_log is not None:
                     server.log_request(request, self.loop.time() - started)
                 if not request.keep_alive or self._lost:
                     self._close_after_answer(request)
                     return
+                if pipeline and self._writing_paused:
+                    await self.drain()  # a client that pipelines without reading gets no more answers
+                self._update_reading()
+        except BaseException:
+            self.abort()
+            raise
         finally:
             self._task = None
         if self.closing:
             self._close_after_answer(None)
         else:
-            self._deadline = self.loop.time() + self._limits.keepalive_timeout
+            timeout = self._limits.header_timeout if self._head_started else self._limits.keepalive_timeout
+            self._deadline = self.loop.time() + timeout
 
     async def _run_handler(self, request: HttpRequest) -> None:
         try:
             if request._error is not None:
                 raise request._error
             await self._handler(request)
-        except (ConnectionError, asyncio.CancelledError):
+        except asyncio.CancelledError:
             if not self._lost:
-                raise
+                raise  # the server is stopping
             request.keep_alive = False  # the client is gone: nobody to answer
+        except ConnectionError:
+            request.keep_alive = False  # the client is gone, or the connection can no longer be trusted
         except GatewayError as error:
             self._answer_problem(request, error)
         except Exception:
@@ -487,13 +530,15 @@ class HttpConnection(asyncio.Protocol):
     def _refuse(self, status: int, code: str, detail: str) -> None:
         """Answer a request the parser refused (after the ones queued before it), then close."""
         self.closing = True
-        self._in_head = False
-        failed = HttpRequest(self, "GET", b"", "1.1", [], False, None)
-        failed._error = GatewayError(status, code, detail)
-        if self._reading_body is not None:
-            self._reading_body.fail(ConnectionResetError("the request could not be parsed"))
-            self._reading_body = None
         self._lingering = True  # nothing after a parse error can be trusted: read no more
+        error = GatewayError(status, code, detail)
+        if self._reading_body is not None:
+            # The broken part is this request's body: its own answer says so (its handler is waiting on it).
+            self._reading_body.fail(error)
+            self._reading_body = None
+            return
+        failed = HttpRequest(self, "GET", b"", "1.1", [], False, None)
+        failed._error = error
         self._pipeline.append(failed)
         if self._task is None:
             self._deadline = None
@@ -508,11 +553,11 @@ class HttpConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         unread = (request is not None and request.body is not None and not request.body.complete) or (
-            self._head_bytes > 0
+            self._head_started
         )
         if unread and transport.can_write_eof():
             self._lingering = True
-            self._resume_reading()
+            self._update_reading()
             transport.write_eof()
             self._deadline = self.loop.time() + LINGER_SECONDS
         else:
@@ -540,17 +585,27 @@ class HttpConnection(asyncio.Protocol):
             self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def body_backlogged(self) -> None:
-        if not self._reading_paused and self._transport is not None:
-            self._reading_paused = True
-            self._transport.pause_reading()
+        self._body_backlogged = True
+        self._update_reading()
 
     def body_drained(self) -> None:
-        self._resume_reading()
+        if self._body_backlogged:
+            self._body_backlogged = False
+            self._update_reading()
 
-    def _resume_reading(self) -> None:
-        if self._reading_paused and self._transport is not None and not self._transport.is_closing():
+    def _update_reading(self) -> None:
+        """Read the socket unless a body, the answers to write, or the queue of parsed requests is backed up."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        stop = self._body_backlogged or self._writing_paused or len(self._pipeline) > MAX_PIPELINE
+        if stop and not self._lingering:
+            if not self._reading_paused:
+                self._reading_paused = True
+                transport.pause_reading()
+        elif self._reading_paused:
             self._reading_paused = False
-            self._transport.resume_reading()
+            transport.resume_reading()
 
     def abort(self) -> None:
         self.closing = True
@@ -566,7 +621,7 @@ class HttpConnection(asyncio.Protocol):
         self._deadline = None
         if self._lingering or self._task is not None:
             self._transport.close()
-        elif self._head_bytes > 0:
+        elif self._head_started:
             self._refuse(408, "client_timeout", "The request head did not arrive in time.")
         else:
             self._transport.close()  # idle: a keep-alive connection nobody used
@@ -582,11 +637,13 @@ class HttpConnection(asyncio.Protocol):
         return self._task is not None
 
 
-def _body_framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None, bool]:
-    """Whether the request has a body, its declared length, and whether it asks for `100 Continue`.
+def _body_framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None, bool, bool]:
+    """Whether the request has a body, its declared length, whether it asks for `100 Continue`, and whether
+    its transfer coding is one we can pass on (chunked alone: the body is forwarded de-chunked).
 
     llhttp has already refused conflicting framing (both headers, differing lengths, a non-numeric length)."""
     has_body = expect = False
+    coding_ok = True
     length = None
     for name, value in headers:
         size = len(name)
@@ -595,9 +652,10 @@ def _body_framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None,
             has_body = length > 0
         elif size == 17 and name.lower() == b"transfer-encoding":
             has_body = True
+            coding_ok = coding_ok and value.strip().lower() == b"chunked"
         elif size == 6 and name.lower() == b"expect":
             expect = value.strip().lower() == b"100-continue"
-    return has_body, length if has_body else None, expect
+    return has_body, length if has_body else None, expect, coding_ok
 
 
 def _path_for_log(target: bytes) -> str:
@@ -641,7 +699,11 @@ class HttpServer:
     def _sweep(self) -> None:
         now = self.loop.time()
         for conn in list(self.connections):
-            conn.check_deadline(now)
+            try:
+                conn.check_deadline(now)
+            except Exception:  # one broken connection must not stop the timeouts of all the others
+                log.exception("closing a connection failed")
+                conn.abort()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def pre_shutdown(self) -> None:

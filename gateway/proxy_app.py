@@ -16,8 +16,8 @@ from aiohttp import web
 
 from gateway.access_levels import normalize_path
 from gateway.authenticator import Authenticator, IdentifiedToken
-from gateway.client_ip import ClientAddress
 from gateway.background import background_task
+from gateway.client_ip import ClientAddress
 from gateway.core import Core, core_key
 from gateway.credentials import presented_token
 from gateway.failure_limits import FailureLimits, source_key

@@ -241,3 +241,98 @@ async def test_repeated_headers_on_a_connection_never_outlive_a_revocation(gatew
     assert status == 401 and json.loads(body)["code"] == "invalid_token"
     await client.send(_get("/api/posts", rotated["token"]))
     assert (await client.response())[0] == 200
+
+
+def _post(path: str, token: str, framing: str, extra: str = "") -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\n{framing}{extra}\r\n".encode()
+
+
+async def test_trailers_never_become_request_headers(
+    start_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gateway = await start_gateway(trusted_proxies=["127.0.0.1/32"])
+    token = (await gateway.create_token(allowed_ip_ranges=["10.9.9.0/24"]))["token"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy.server.port)
+    client = RawClient(reader, writer)
+    # Head, body and trailers in one write, so they are all parsed before the handler runs.
+    await client.send(
+        _post("/echo", token, "Transfer-Encoding: chunked\r\n", "X-Forwarded-For: 203.0.113.7\r\n")
+        + b"5\r\nhello\r\n0\r\nX-Forwarded-For: 10.9.9.9\r\nX-Injected: from-trailer\r\n\r\n"
+    )
+    status, _, body = await client.response()
+    writer.close()
+    assert status == 403 and json.loads(body)["code"] == "ip_not_allowed"
+
+    open_token = (await gateway.create_token())["token"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy.server.port)
+    client = RawClient(reader, writer)
+    await client.send(
+        _post("/echo", open_token, "Transfer-Encoding: chunked\r\n")
+        + b"5\r\nhello\r\n0\r\nX-Injected: from-trailer\r\n\r\n"
+    )
+    status, _, body = await client.response()
+    writer.close()
+    assert status == 200 and json.loads(body)["body"] == "hello"
+    assert "x-injected" not in {name.lower() for name in upstream.last["headers"]}
+
+
+async def test_a_body_cut_short_gets_400_not_silence(gateway: Gateway, connect: object) -> None:
+    token = (await gateway.create_token())["token"]
+    half_closed = await connect()  # type: ignore[operator]
+    await half_closed.send(_post("/sha256", token, "Content-Length: 100\r\n") + b"x" * 10)
+    half_closed.writer.write_eof()
+    status, _, body = await half_closed.response()
+    assert status == 400 and json.loads(body)["code"] == "incomplete_body"
+
+    broken = await connect()  # type: ignore[operator]
+    await broken.send(_post("/sha256", token, "Transfer-Encoding: chunked\r\n") + b"5\r\nhello\r\n")
+    await asyncio.sleep(0.05)  # the handler is streaming the body when the broken chunk arrives
+    await broken.send(b"zz\r\n")
+    status, headers, body = await broken.response()
+    assert status == 400 and json.loads(body)["code"] == "bad_request" and headers["connection"] == "close"
+
+
+async def test_a_refused_large_body_leaves_the_connection_usable(gateway: Gateway, connect: object) -> None:
+    fenced = (await gateway.create_token(allowed_ip_ranges=["10.0.0.0/8"]))["token"]
+    token = (await gateway.create_token())["token"]
+    client = await connect()  # type: ignore[operator]
+    await client.send(_post("/sha256", fenced, "Content-Length: 307200\r\n") + b"x" * 307200)
+    status, _, body = await client.response()
+    assert status == 403 and json.loads(body)["code"] == "ip_not_allowed"
+    await client.send(_get("/after", token))
+    assert (await client.response())[0] == 200
+
+
+async def test_a_client_pipelining_without_reading_is_not_buffered_for(gateway: Gateway, connect: object) -> None:
+    client = await connect()  # type: ignore[operator]
+    flood = b"GET / HTTP/1.1\r\nHost: api\r\n\r\n" * 100_000  # 3 MB of requests, 30+ MB of answers
+    client.writer.write(flood)
+    await asyncio.sleep(0.5)
+    (connection,) = gateway.proxy.server.runner.server.connections  # type: ignore[union-attr]
+    assert connection._transport.get_write_buffer_size() < 4 * 1024 * 1024
+    answered = 0
+    for _ in range(100_000):
+        status, _, _ = await client.response()
+        assert status == 401
+        answered += 1
+    assert answered == 100_000
+
+
+async def test_the_header_timeout_also_covers_a_head_behind_an_answer(start_gateway: GatewayFactory) -> None:
+    gateway = await start_gateway(client_header_timeout=0.2, keepalive_timeout=60)
+    token = (await gateway.create_token())["token"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy.server.port)
+    client = RawClient(reader, writer)
+    await client.send(_get("/first", token) + b"GET /second HT")
+    assert (await client.response())[0] == 200
+    status, _, body = await client.response()
+    writer.close()
+    assert status == 408 and json.loads(body)["code"] == "client_timeout"
+
+
+async def test_transfer_codings_other_than_chunked_get_501(gateway: Gateway, connect: object) -> None:
+    token = (await gateway.create_token())["token"]
+    client = await connect()  # type: ignore[operator]
+    await client.send(_post("/sha256", token, "Transfer-Encoding: gzip, chunked\r\n") + b"0\r\n\r\n")
+    status, _, body = await client.response()
+    assert status == 501 and json.loads(body)["code"] == "unsupported_transfer_coding"
