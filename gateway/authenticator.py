@@ -34,6 +34,14 @@ def _token_refused(code: str, detail: str) -> GatewayError:
     return GatewayError(401, code, detail, headers={"WWW-Authenticate": header})
 
 
+def _check_usable(entry: CachedToken) -> None:
+    """Only a caller holding the right secret gets here, so it may learn why the token is refused."""
+    if not entry.enabled:
+        raise _token_refused("token_disabled", "The token is disabled.")
+    if entry.expires_at is not None and time.time() >= entry.expires_at:
+        raise _token_refused("token_expired", "The token has expired.")
+
+
 class Authenticator:
     def __init__(
         self, cache: TokenCache, hasher: SecretHasher, *, prefix: str, limits: FailureLimits | None = None
@@ -50,6 +58,15 @@ class Authenticator:
         if token is None:
             raise invalid_token()
         return IdentifiedToken(token, self._hasher.memo_digest(token.token_id, token.secret))
+
+    def accept_known(self, presented: IdentifiedToken) -> CachedToken | None:
+        """The token at once, when its fresh cache entry already knows this secret (the steady state: no
+        await, no store, no argon2); None when `authenticate` has to decide."""
+        entry = self._cache.get_fresh(presented.token.token_id)
+        if entry is None or not self._memo_accepts(entry, presented.digest):
+            return None
+        _check_usable(entry)
+        return entry
 
     async def authenticate(self, presented: str | IdentifiedToken, source: str) -> CachedToken:
         """The token, if `presented` is its current secret (or its previous one, in grace); `source` is the
@@ -74,10 +91,7 @@ class Authenticator:
             # The token changed while argon2 ran: judge the secret against the new version.
         else:
             raise invalid_token()
-        if not entry.enabled:
-            raise _token_refused("token_disabled", "The token is disabled.")
-        if entry.expires_at is not None and time.time() >= entry.expires_at:
-            raise _token_refused("token_expired", "The token has expired.")
+        _check_usable(entry)
         return entry
 
     def _memo_accepts(self, entry: CachedToken, digest: bytes) -> bool:

@@ -204,6 +204,17 @@ class UpstreamForwarder:
                     502, "upstream_unavailable", "The upstream service could not be reached."
                 ) from None
             raise
+        length = upstream.content_length
+        if (
+            length is not None
+            and length <= SMALL_BODY
+            and request.method != "HEAD"
+            and upstream.status not in BODILESS_STATUSES
+        ):
+            arrived = upstream.complete_body()  # a small answer has usually arrived with its head
+            if arrived is not None:
+                request.respond(upstream.status, _reason(upstream), _response_headers(upstream), arrived)
+                return
         try:
             await self._respond(request, upstream)
         finally:
@@ -216,9 +227,7 @@ class UpstreamForwarder:
         bodiless = request.method == "HEAD" or status in BODILESS_STATUSES
         if not bodiless and length is not None and length <= SMALL_BODY:
             try:
-                body = upstream.complete_body()
-                if body is None:
-                    body = await upstream.read_all(SMALL_BODY)
+                body = await upstream.read_all(SMALL_BODY)
             except (UpstreamError, OSError) as error:
                 log.warning("upstream response broke off: %s", type(error).__name__)
                 raise GatewayError(502, "upstream_unavailable", "The upstream response broke off.") from None

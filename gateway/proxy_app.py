@@ -55,7 +55,10 @@ class ProxyHandler:
         if not isinstance(seen, _SeenHeaders) or seen.headers != request.headers:
             seen = request.connection_state = self._read_headers(request)
         client_ip = seen.client_ip
-        token = await self._authenticator.authenticate(seen.identified, source_key(client_ip))
+        authenticator = self._authenticator
+        token = authenticator.accept_known(seen.identified) or await authenticator.authenticate(
+            seen.identified, source_key(client_ip)
+        )
         token_id = request.token_id = token.record.id
 
         if token.ip_ranges is not None and (client_ip is None or client_ip not in token.ip_ranges):

@@ -77,15 +77,23 @@ class TokenCache:
         entry = self._entries.get(token_id)
         return entry if isinstance(entry, CachedToken) else None
 
+    def get_fresh(self, token_id: str) -> CachedToken | None:
+        """The entry if it is cached and fresh: what `get` would answer without waiting for anything."""
+        entry = self._entries.get(token_id)
+        if type(entry) is CachedToken and (self._ttl is None or time.monotonic() - entry.loaded_at < self._ttl):
+            self._entries.move_to_end(token_id)
+            return entry
+        return None
+
     async def get(self, token_id: str) -> CachedToken | None:
         while True:
+            fresh = self.get_fresh(token_id)
+            if fresh is not None:
+                return fresh
             entry = self._entries.get(token_id)
             if entry is not None:
                 if type(entry) is CachedToken:
-                    if self._ttl is None or time.monotonic() - entry.loaded_at < self._ttl:
-                        self._entries.move_to_end(token_id)
-                        return entry
-                    # Stale: refresh it below, keeping it meanwhile so its memo can be carried over.
+                    pass  # stale: refresh it below, keeping it meanwhile so its memo can be carried over
                 elif entry > time.monotonic():  # type: ignore[operator]
                     return None
                 else:

@@ -152,3 +152,20 @@ async def test_an_unknown_id_with_a_valid_checksum_costs_one_store_read(setup: S
         assert (error.status, error.code) == (401, "invalid_token")
 
     assert setup.store.reads == reads + 1
+
+
+async def test_accept_known_answers_a_warm_secret_at_once_and_defers_everything_else(setup: Setup) -> None:
+    authenticator = setup.authenticator
+    identified = authenticator.identify(str(setup.token))
+    assert authenticator.accept_known(identified) is None  # cold: authenticate must decide (argon2)
+    entry = await authenticator.authenticate(identified, SOURCE)
+    reads, verifications = setup.store.reads, setup.hasher.verify_calls
+
+    assert authenticator.accept_known(identified) is entry
+    assert authenticator.accept_known(authenticator.identify(_with_wrong_checksum(setup.token))) is None
+    assert (setup.store.reads, setup.hasher.verify_calls) == (reads, verifications)
+
+    setup.cache.apply(dataclasses.replace(entry.record, status=TokenStatus.DISABLED, version=entry.record.version + 1))
+    with pytest.raises(GatewayError) as refused:  # the memo carried over: the right secret learns why
+        authenticator.accept_known(identified)
+    assert refused.value.code == "token_disabled"
