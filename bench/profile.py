@@ -75,6 +75,7 @@ STAGES = (
         "token: parse, cache lookup, memo digest",
         (
             "parse_token",
+            "split_token",
             "presented_token",
             "TokenCache.",
             "memo_digest",
@@ -86,12 +87,13 @@ STAGES = (
         ),
     ),
     ("failure limits", ("(gateway/failure_limits.py)",)),
-    ("client IP and IP ranges (netaddr)", ("(gateway/client_ip.py)", "(gateway/ranges.py)", "(netaddr/")),
+    ("client IP and IP ranges", ("(gateway/client_ip.py)", "(gateway/ranges.py)", "(netaddr/")),
     ("access level: normalize_path, permits", ("(gateway/access_levels.py)",)),
     ("usage recording", ("(gateway/usage.py)",)),
     (
         "request head and response headers (forward.py)",
-        ("upstream_request_head", "_connection_listed", "_response_headers"),
+        ("upstream_request_head", "_forwarded_lines", "_connection_listed", "_response_headers", "gateway_headers",
+         "_credential_headers"),
     ),
     ("upstream client: the gateway's pool (upstream_client.py)", ("(gateway/upstream_client.py)",)),
     (
@@ -111,7 +113,8 @@ STAGES = (
         "aiohttp server: request parsing, dispatch, middleware",
         ("(aiohttp/web_", "problem_middleware", "(aiohttp/http_parser.py)"),
     ),
-    ("gateway glue: proxy_request, forward", ("(gateway/proxy_app.py)", "(gateway/forward.py)")),
+    ("gateway glue: ProxyHandler, forward", ("(gateway/proxy_app.py)", "(gateway/forward.py)")),
+    ("proxy port's HTTP server (http_server.py: parse, answer, flow control)", ("(gateway/http_server.py)",)),
     ("garbage collector", ("gc_collect",)),
     ("event loop (uvloop / asyncio) and the rest", ()),
 )
