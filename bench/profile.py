@@ -95,7 +95,7 @@ STAGES = (
         ("upstream_request_head", "_forwarded_lines", "_connection_listed", "_response_headers", "gateway_headers",
          "_credential_headers"),
     ),
-    ("upstream client: the gateway's pool (upstream_client.py)", ("(gateway/upstream_client.py)",)),
+    ("upstream client: the gateway's pool (upstream_client/)", ("(gateway/upstream_client/",)),
     (
         "upstream client: aiohttp ClientSession",
         (

@@ -1,0 +1,382 @@
+"""One upstream connection as an asyncio Protocol: writes a request, parses the response with httptools."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from gateway.upstream_client.errors import (
+    UpstreamBodyError,
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from gateway.upstream_client.response import UpstreamResponse
+
+if TYPE_CHECKING:
+    from gateway.upstream_client.pool import UpstreamPool
+
+Body = bytes | bytearray | memoryview | AsyncIterator[bytes] | None
+
+# RFC 9110 section 7.6.1: meaningful for one connection only; a proxy never relays them (nor the headers a
+# `Connection` header names).
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Not relayed by `UpstreamResponse.relay_headers`: hop-by-hop, and the framing the relaying side writes itself.
+_NOT_RELAYED = HOP_BY_HOP_HEADERS | {b"content-length"}
+_NOT_RELAYED_LENGTHS = frozenset(len(name) for name in _NOT_RELAYED)
+
+_IN_MEMORY = (bytes, bytearray, memoryview)
+_JOIN_BELOW = 16 * 1024  # a body this small goes out in the same write as the head
+
+
+def _timed_out(waiter: asyncio.Future[None], message: str) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamTimeout(message))
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection, serving one exchange at a time (no pipelining)."""
+
+    __slots__ = (
+        "pool", "loop", "read_timeout", "transport", "parser", "closed", "reusable", "idle_since", "in_pool",
+        "active", "head_waiter", "response", "awaiting_head", "informational", "received_any", "is_head",
+        "head_pending", "parser_spent", "write_paused", "write_waiter", "failed",
+        "m_headers", "m_reason", "m_size", "m_length", "m_te", "m_chunked", "m_close", "m_keep_alive",
+        "m_relay", "m_dated", "m_listed",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.loop = pool._loop
+        self.read_timeout = pool._read_timeout
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.reusable = True
+        self.failed = False
+        self.idle_since = 0.0
+        self.in_pool = False
+        self.active = False
+        self.head_waiter: asyncio.Future[UpstreamResponse] | None = None
+        self.response: UpstreamResponse | None = None
+        self.awaiting_head = False
+        self.informational = False
+        self.received_any = False
+        self.is_head = False
+        self.head_pending = 0
+        self.parser_spent = False
+        self.write_paused = False
+        self.write_waiter: asyncio.Future[None] | None = None
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.reusable = False
+        self.pool._lost(self)
+        if not self.active:
+            return
+        waiter = self.head_waiter
+        if waiter is not None and not waiter.done():
+            error = UpstreamConnectionError("the upstream closed the connection before answering")
+            error.nothing_received = not self.received_any
+            waiter.set_exception(error)
+        response = self.response
+        if response is not None and not response._done:
+            if exc is None and not response.body_length_known and not self.failed:
+                response._finish()  # a body delimited by the close has ended
+            else:
+                response._fail(UpstreamBodyError("the upstream closed the connection mid-body"))
+        self._wake_writer(UpstreamConnectionError("the upstream closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active:  # an idle connection has nothing to say; whatever it sent, drop it
+            self.abort()
+            return
+        self.received_any = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.fail(UpstreamProtocolError("the upstream switched protocols"))
+            return
+        except httptools.HttpParserError as error:
+            cause = error.__context__
+            self.fail(cause if isinstance(cause, UpstreamError) else UpstreamProtocolError(
+                f"the upstream sent an invalid response: {error}"))
+            return
+        if self.awaiting_head:
+            self.head_pending += len(data)
+            if self.head_pending > self.pool._max_header_bytes:
+                self.fail(self._head_too_large())
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_writer(None)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        if not self.awaiting_head:
+            raise UpstreamProtocolError("the upstream sent a response that no request asked for")
+        self.m_headers: list[tuple[bytes, bytes]] = []
+        self.m_reason = b""
+        self.m_size = 0
+        self.m_length: int | None = None
+        self.m_te = self.m_chunked = self.m_close = self.m_keep_alive = False
+        self.m_relay: list[bytes] = []
+        self.m_dated = self.m_listed = False
+
+    def on_status(self, reason: bytes) -> None:
+        self.m_reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.m_headers.append((name, value))
+        self.m_size += len(name) + len(value) + 4
+        if self.m_size > self.pool._max_header_bytes:
+            raise self._head_too_large()
+        size = len(name)
+        if size in _NOT_RELAYED_LENGTHS and (lower := name.lower()) in _NOT_RELAYED:
+            if lower == b"content-length":
+                self.m_length = int(value)
+            elif lower == b"transfer-encoding":
+                self.m_te = True
+                self.m_chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            elif lower == b"connection":
+                tokens = {token.strip() for token in value.lower().split(b",")}
+                self.m_close = self.m_close or b"close" in tokens
+                self.m_keep_alive = self.m_keep_alive or b"keep-alive" in tokens
+                self.m_listed = self.m_listed or bool(tokens - {b"close", b"keep-alive", b""})
+            return
+        self.m_relay += (name, b": ", value, b"\r\n")
+        if size == 4 and name.lower() == b"date":
+            self.m_dated = True
+
+    def _relay_headers(self) -> bytes:
+        if not self.m_listed:
+            return b"".join(self.m_relay)
+        listed = {
+            token.strip()
+            for name, value in self.m_headers
+            if name.lower() == b"connection"
+            for token in value.lower().split(b",")
+        }
+        return b"".join(
+            b"%s: %s\r\n" % (name, value)
+            for name, value in self.m_headers
+            if (lower := name.lower()) not in _NOT_RELAYED and lower not in listed
+        )
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise UpstreamProtocolError("the upstream switched protocols")
+            self.informational = True  # 100 Continue, 103 Early Hints...: the real answer follows
+            self.head_pending = 0
+            return
+        self.awaiting_head = False
+        if self.is_head:  # llhttp cannot be told about HEAD: the parser is replaced after this exchange
+            self.parser_spent = True
+            has_body = False
+            keep_alive = not self.m_close if parser.get_http_version() == "1.1" else self.m_keep_alive
+        else:
+            has_body = status != 204 and status != 304
+            keep_alive = parser.should_keep_alive()
+        if not keep_alive:
+            self.reusable = False
+        response = UpstreamResponse(
+            status,
+            self.m_reason.decode("latin-1"),
+            self.m_headers,
+            content_length=self.m_length,
+            will_close=not self.reusable,
+            body_length_known=not has_body or (self.m_chunked if self.m_te else self.m_length is not None),
+            conn=self,
+            high_water=self.pool._read_high_water,
+            relay_headers=self._relay_headers(),
+            has_date=self.m_dated,
+        )
+        if not has_body:
+            response._done = True
+        self.response = response
+        assert self.head_waiter is not None
+        self.head_waiter.set_result(response)
+        self._wake_writer(None)  # an early answer stops an upload
+
+    def on_body(self, data: bytes) -> None:
+        response = self.response
+        if response is None or response._done:  # a body where none may be (HEAD): never reuse this
+            self.reusable = False
+            return
+        response._feed(data)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
+        if self.response is not None:
+            self.response._finish()
+
+    # used by the pool and the response
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        self.reusable = False
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def fail(self, error: BaseException) -> None:
+        """End the exchange with `error` and drop the connection."""
+        self.failed = True
+        self.abort()
+        waiter = self.head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        elif self.response is not None and not self.response._done:
+            self.response._fail(error)
+        self._wake_writer(error)
+
+    def read_timed_out(self) -> None:
+        self.fail(UpstreamTimeout(f"the upstream sent nothing for {self.read_timeout} s"))
+
+    def _head_too_large(self) -> UpstreamProtocolError:
+        return UpstreamProtocolError(f"the response head is larger than {self.pool._max_header_bytes} bytes")
+
+    def _wake_writer(self, error: BaseException | None) -> None:
+        waiter = self.write_waiter
+        if waiter is not None and not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+    async def exchange(
+        self, head: bytes, body: Body, content_length: int | None, chunked: bool, is_head: bool, close: bool
+    ) -> UpstreamResponse:
+        if self.closed:
+            error = UpstreamConnectionError("the upstream closed the connection")
+            error.nothing_received = True
+            raise error
+        if self.parser_spent:
+            self.parser = httptools.HttpResponseParser(self)
+            self.parser_spent = False
+        self.active = self.awaiting_head = True
+        self.received_any = self.informational = False
+        self.is_head = is_head
+        self.head_pending = 0
+        self.response = None
+        if close:
+            self.reusable = False
+        waiter: asyncio.Future[UpstreamResponse] = self.loop.create_future()
+        self.head_waiter = waiter
+        transport = self.transport
+        assert transport is not None
+        try:
+            if body is None:
+                transport.write(head)
+            elif isinstance(body, _IN_MEMORY):
+                if len(body) < _JOIN_BELOW:
+                    transport.write(head + body)
+                else:
+                    transport.write(head)
+                    transport.write(body)
+            else:
+                transport.write(head)
+                await self._send_stream(body, content_length, chunked)
+            if not waiter.done():
+                timer = self.loop.call_later(self.read_timeout, self.read_timed_out)
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
+            response = waiter.result()
+        except BaseException:
+            self.abort()
+            if not waiter.done():
+                waiter.cancel()
+            elif not waiter.cancelled():
+                waiter.exception()  # retrieved: the error that propagates may be another one
+            raise
+        if not self.reusable:  # e.g. answered before the whole upload was sent
+            response.will_close = True
+        return response
+
+    async def _send_stream(self, body: AsyncIterator[bytes], content_length: int | None, chunked: bool) -> None:
+        transport = self.transport
+        assert transport is not None
+        waiter = self.head_waiter
+        assert waiter is not None
+        remaining = content_length or 0
+        finished = False
+        try:
+            async for chunk in body:
+                if waiter.done() or self.closed:
+                    break  # answered before the upload ended, or gone: stop sending
+                if not chunk:
+                    continue  # an empty chunk would end a chunked body early
+                if chunked:
+                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                else:
+                    remaining -= len(chunk)
+                    if remaining < 0:
+                        raise ValueError("the body is longer than content_length")
+                    transport.write(chunk)
+                if self.write_paused:
+                    await self._drain()
+            else:
+                if chunked:
+                    transport.write(b"0\r\n\r\n")
+                elif remaining:
+                    raise ValueError("the body is shorter than content_length")
+                finished = True
+        finally:
+            if not finished:
+                self.reusable = False
+                aclose = getattr(body, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+    async def _drain(self) -> None:
+        waiter = self.write_waiter = self.loop.create_future()
+        timer = self.loop.call_later(
+            self.read_timeout, _timed_out, waiter, f"the upstream read none of the body for {self.read_timeout} s"
+        )
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self.write_waiter = None
