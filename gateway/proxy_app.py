@@ -38,7 +38,6 @@ class ProxyHandler:
     """Decides on one request and forwards it; every refusal is a GatewayError (problem+json)."""
 
     def __init__(self, core: Core, authenticator: Authenticator, forwarder: UpstreamForwarder) -> None:
-        self._core = core
         self._settings = core.settings
         self._client_ips = core.client_ips
         self._usage = core.usage
