@@ -30,6 +30,7 @@ from gateway.forward import (
 )
 from gateway.http_server import HttpLimits, HttpRequest, RequestHandler, http_handler_key, http_limits_key
 from gateway.problems import GatewayError
+from gateway.token_cache import CachedToken
 
 forwarder_key = web.AppKey("forwarder", UpstreamForwarder)
 
@@ -59,14 +60,32 @@ class ProxyHandler:
             seen.identified, source_key(client_ip)
         )
         token_id = request.token_id = token.record.id
+        decision = seen.decision
+        if (
+            decision is None
+            or decision.token is not token
+            or decision.target != target
+            or decision.method != request.method
+        ):
+            # Entries are replaced, never changed, when a token changes: the same entry, method and target get
+            # the same answer (the entry's own checks, enabled and expiry, ran above).
+            decision = seen.decision = self._decide(request, token, client_ip, seen.upstream_head)
+        if request.content_length is not None and request.content_length > decision.max_body:
+            raise body_too_large(decision.max_body)
+        self._usage.record(token_id, client_ip)
+        await self._forwarder.forward(request, decision.upstream_head, max_body=decision.max_body)
 
+    def _decide(
+        self, request: HttpRequest, token: CachedToken, client_ip: ClientAddress | None, upstream_head: bytes
+    ) -> _Decision:
+        """Whether this token may make this request from this address: a 403 naming the reason, or what to
+        send upstream."""
         if token.ip_ranges is not None and (client_ip is None or client_ip not in token.ip_ranges):
             raise GatewayError(
                 403, "ip_not_allowed", f"This token may not be used from {client_ip or 'this address'}."
             )
-
         level = token.access_level
-        path = target.partition(b"?")[0].decode("utf-8", "surrogateescape")
+        path = request.target.partition(b"?")[0].decode("utf-8", "surrogateescape")
         if level is None or not level.permits(request.method, normalize_path(path)):
             raise GatewayError(
                 403,
@@ -75,12 +94,8 @@ class ProxyHandler:
                 f" {request.method} on this path.",
             )
         max_body = self._settings.max_body_bytes if level.max_body_bytes is None else level.max_body_bytes
-        if request.content_length is not None and request.content_length > max_body:
-            raise body_too_large(max_body)
-
-        self._usage.record(token_id, client_ip)
-        head = seen.upstream_head + gateway_headers(token_id, token.record.access_level)
-        await self._forwarder.forward(request, head, max_body=max_body)
+        head = upstream_head + gateway_headers(token.record.id, token.record.access_level)
+        return _Decision(token, request.method, request.target, head, max_body)
 
     def _read_headers(self, request: HttpRequest) -> _SeenHeaders:
         authorization, forwarded_for = _credential_headers(request.headers)
@@ -90,15 +105,36 @@ class ProxyHandler:
         return _SeenHeaders(request.headers, identified, client_ip, upstream_head)
 
 
-class _SeenHeaders(NamedTuple):
-    """What a connection's last request headers said. API clients send the same headers on every request of
-    a connection, so comparing the list (in C) replaces reading them again; the token itself is still judged
-    against its cache entry on every request."""
+class _SeenHeaders:
+    """What a connection's last request headers said, and the last decision taken on them. API clients send
+    the same headers on every request of a connection, so comparing the list (in C) replaces reading them
+    again; the token itself is still judged against its cache entry on every request."""
 
-    headers: list[tuple[bytes, bytes]]
-    identified: IdentifiedToken
-    client_ip: ClientAddress | None
+    __slots__ = ("client_ip", "decision", "headers", "identified", "upstream_head")
+
+    def __init__(
+        self,
+        headers: list[tuple[bytes, bytes]],
+        identified: IdentifiedToken,
+        client_ip: ClientAddress | None,
+        upstream_head: bytes,
+    ) -> None:
+        self.headers = headers
+        self.identified = identified
+        self.client_ip = client_ip
+        self.upstream_head = upstream_head
+        self.decision: _Decision | None = None
+
+
+class _Decision(NamedTuple):
+    """A request allowed: by which cache entry, for which method and target; the head to send upstream (the
+    client's headers and the gateway's) and the body limit."""
+
+    token: CachedToken
+    method: str
+    target: bytes
     upstream_head: bytes
+    max_body: int
 
 
 def _credential_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, list[str]]:

@@ -90,6 +90,43 @@ async def test_pipelined_requests_are_answered_in_order(gateway: Gateway, connec
     assert json.loads(answers[3][2])["raw_path"] == "/fourth"
 
 
+async def test_a_connection_repeating_a_request_is_judged_again_after_each_token_change(
+    gateway: Gateway, connect: object
+) -> None:
+    """The handler remembers its last decision per connection; a token change must end it at once."""
+    created = await gateway.create_token(access_level="administrative")
+    client = await connect()  # type: ignore[operator]
+
+    async def ask(method: str = "GET", path: str = "/api/posts") -> tuple[int, str]:
+        await client.send(
+            f"{method} {path} HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {created['token']}\r\n"
+            "Content-Length: 0\r\n\r\n".encode()
+        )
+        status, _, body = await client.response()
+        return status, json.loads(body).get("code", "") if status != 200 else ""
+
+    async def edit(**fields: object) -> None:
+        status, _ = await gateway.admin_call("PATCH", f"/v1/tokens/{created['id']}", json=fields)
+        assert status == 200
+
+    assert await ask() == (200, "")
+    assert await ask("POST") == (200, "")
+    await edit(access_level="read_only")
+    assert await ask("POST") == (403, "insufficient_access_level")
+    assert await ask() == (200, "")
+    await edit(allowed_ip_ranges=["10.0.0.0/8"])
+    assert await ask() == (403, "ip_not_allowed")
+    await edit(allowed_ip_ranges=["127.0.0.0/8"])
+    assert await ask() == (200, "")
+    status, _ = await gateway.admin_call("POST", f"/v1/tokens/{created['id']}/disable")
+    assert status == 200
+    assert await ask() == (401, "token_disabled")
+    status, _ = await gateway.admin_call("POST", f"/v1/tokens/{created['id']}/enable")
+    assert await ask() == (200, "")
+    status, _ = await gateway.admin_call("DELETE", f"/v1/tokens/{created['id']}")
+    assert await ask() == (401, "invalid_token")
+
+
 async def test_http_1_0_closes_unless_asked_to_keep_alive(gateway: Gateway, connect: object) -> None:
     token = (await gateway.create_token())["token"]
     client = await connect()  # type: ignore[operator]
