@@ -51,6 +51,21 @@ def _timed_out(waiter: asyncio.Future[None], message: str) -> None:
         waiter.set_exception(UpstreamTimeout(message))
 
 
+def _without_listed(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The relayable headers when Connection names some of them (RFC 9110 section 7.6.1): those go too."""
+    listed = {
+        token.strip()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.lower().split(b",")
+    }
+    return b"".join(
+        b"%s: %s\r\n" % (name, value)
+        for name, value in headers
+        if (lower := name.lower()) not in _NOT_RELAYED and lower not in listed
+    )
+
+
 class _Connection(asyncio.Protocol):
     """One upstream connection, serving one exchange at a time (no pipelining)."""
 
@@ -58,8 +73,7 @@ class _Connection(asyncio.Protocol):
         "pool", "loop", "read_timeout", "transport", "parser", "closed", "reusable", "idle_since", "in_pool",
         "active", "head_waiter", "response", "awaiting_head", "informational", "received_any", "is_head",
         "head_pending", "parser_spent", "write_paused", "write_waiter", "failed",
-        "m_headers", "m_reason", "m_size", "m_length", "m_te", "m_chunked", "m_close", "m_keep_alive",
-        "m_relay", "m_dated", "m_listed",
+        "m_headers", "m_reason",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -147,51 +161,14 @@ class _Connection(asyncio.Protocol):
             raise UpstreamProtocolError("the upstream sent a response that no request asked for")
         self.m_headers: list[tuple[bytes, bytes]] = []
         self.m_reason = b""
-        self.m_size = 0
-        self.m_length: int | None = None
-        self.m_te = self.m_chunked = self.m_close = self.m_keep_alive = False
-        self.m_relay: list[bytes] = []
-        self.m_dated = self.m_listed = False
 
     def on_status(self, reason: bytes) -> None:
         self.m_reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Only collected: one pass in on_headers_complete reads them (the head's size is bounded per read by
+        # data_received, and as a whole there).
         self.m_headers.append((name, value))
-        self.m_size += len(name) + len(value) + 4
-        if self.m_size > self.pool._max_header_bytes:
-            raise self._head_too_large()
-        size = len(name)
-        if size in _NOT_RELAYED_LENGTHS and (lower := name.lower()) in _NOT_RELAYED:
-            if lower == b"content-length":
-                self.m_length = int(value)
-            elif lower == b"transfer-encoding":
-                self.m_te = True
-                self.m_chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-            elif lower == b"connection":
-                tokens = {token.strip() for token in value.lower().split(b",")}
-                self.m_close = self.m_close or b"close" in tokens
-                self.m_keep_alive = self.m_keep_alive or b"keep-alive" in tokens
-                self.m_listed = self.m_listed or bool(tokens - {b"close", b"keep-alive", b""})
-            return
-        self.m_relay += (name, b": ", value, b"\r\n")
-        if size == 4 and name.lower() == b"date":
-            self.m_dated = True
-
-    def _relay_headers(self) -> bytes:
-        if not self.m_listed:
-            return b"".join(self.m_relay)
-        listed = {
-            token.strip()
-            for name, value in self.m_headers
-            if name.lower() == b"connection"
-            for token in value.lower().split(b",")
-        }
-        return b"".join(
-            b"%s: %s\r\n" % (name, value)
-            for name, value in self.m_headers
-            if (lower := name.lower()) not in _NOT_RELAYED and lower not in listed
-        )
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -203,10 +180,35 @@ class _Connection(asyncio.Protocol):
             self.head_pending = 0
             return
         self.awaiting_head = False
+        headers = self.m_headers
+        size = 0
+        length: int | None = None
+        te = chunked = close = keep_alive = listed = dated = False
+        relay: list[bytes] = []
+        for name, value in headers:
+            size += len(name) + len(value) + 4
+            name_size = len(name)
+            if name_size in _NOT_RELAYED_LENGTHS and (lower := name.lower()) in _NOT_RELAYED:
+                if lower == b"content-length":
+                    length = int(value)
+                elif lower == b"transfer-encoding":
+                    te = True
+                    chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+                elif lower == b"connection":
+                    tokens = {token.strip() for token in value.lower().split(b",")}
+                    close = close or b"close" in tokens
+                    keep_alive = keep_alive or b"keep-alive" in tokens
+                    listed = listed or bool(tokens - {b"close", b"keep-alive", b""})
+                continue
+            relay += (name, b": ", value, b"\r\n")
+            if name_size == 4 and name.lower() == b"date":
+                dated = True
+        if size > self.pool._max_header_bytes:
+            raise self._head_too_large()
         if self.is_head:  # llhttp cannot be told about HEAD: the parser is replaced after this exchange
             self.parser_spent = True
             has_body = False
-            keep_alive = not self.m_close if parser.get_http_version() == "1.1" else self.m_keep_alive
+            keep_alive = not close if parser.get_http_version() == "1.1" else keep_alive
         else:
             has_body = status != 204 and status != 304
             keep_alive = parser.should_keep_alive()
@@ -215,14 +217,14 @@ class _Connection(asyncio.Protocol):
         response = UpstreamResponse(
             status,
             self.m_reason.decode("latin-1"),
-            self.m_headers,
-            content_length=self.m_length,
+            headers,
+            content_length=length,
             will_close=not self.reusable,
-            body_length_known=not has_body or (self.m_chunked if self.m_te else self.m_length is not None),
+            body_length_known=not has_body or (chunked if te else length is not None),
             conn=self,
             high_water=self.pool._read_high_water,
-            relay_headers=self._relay_headers(),
-            has_date=self.m_dated,
+            relay_headers=_without_listed(headers) if listed else b"".join(relay),
+            has_date=dated,
         )
         if not has_body:
             response._done = True

@@ -71,6 +71,7 @@ class UpstreamPool:
         self._methods: dict[str, bytes] = {}
         self._header_kinds: dict[str, int] = {}
         self._last_block: tuple[bytes, bool] = (b"", False)
+        self._last_target: tuple[str | None, bytes] = (None, b"")
         self.opened = 0  # connections opened so far
 
     @property
@@ -232,8 +233,13 @@ class UpstreamPool:
             prefix = method.encode("ascii") + b" "
             if len(self._methods) < _CACHE_MAX:
                 self._methods[method] = prefix
-        if not target or _BAD_TARGET.search(target):
+        if target == self._last_target[0]:  # a client repeating its request: checked and encoded once
+            encoded_target = self._last_target[1]
+        elif not target or _BAD_TARGET.search(target):
             raise ValueError("the request target is empty or holds a space or control character")
+        else:
+            encoded_target = target.encode("utf-8", "surrogateescape")
+            self._last_target = (target, encoded_target)
         if isinstance(headers, bytes):
             if headers == self._last_block[0]:  # a block the caller reuses is checked once
                 block, close = self._last_block
@@ -258,7 +264,7 @@ class UpstreamPool:
             framing = b"Content-Length: %d\r\n" % content_length
         else:
             raise ValueError("a streamed body needs content_length or chunked=True")
-        return b"".join((prefix, target.encode("utf-8", "surrogateescape"), b" HTTP/1.1\r\n", block, framing,
+        return b"".join((prefix, encoded_target, b" HTTP/1.1\r\n", block, framing,
                          b"\r\n")), close
 
     def _encode_pairs(self, headers: list[tuple[str, str]]) -> tuple[bytes, bool]:
