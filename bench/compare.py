@@ -32,6 +32,9 @@ from cpu import CpuMeter
 from load import WARM_SIZE, measure_cold_warm, measure_stream, wrk, wrk_script
 from report import (
     BODIES,
+    C1,
+    C1_ONE_CORE,
+    C32,
     DIRECT,
     GATEWAY,
     NAIVE,
@@ -57,6 +60,7 @@ from services import (
     export_gateway,
     free_port,
     need,
+    on_one_core,
     proxy_server,
     start_gateway_serve,
     start_gateway_workers,
@@ -68,7 +72,8 @@ from services import (
     wait_http,
 )
 
-CONCURRENCIES = (1, 32)
+LOADS = ((C1, 1, False), (C32, 32, False), (C1_ONE_CORE, 1, True))  # label, connections, on one core
+ONE_CORE = 0  # the core of the one-core runs
 COLD_TOKENS = 20
 NAIVE_TOKEN = "token"  # naive_proxy.TOKENS
 
@@ -115,19 +120,24 @@ async def wait_for_quiet(fleet: Fleet, patience: float) -> None:
             waited = True
 
 
-async def drive(results: Results, fleet: Fleet, options: Options, target: Target, connections: int) -> None:
+async def drive(
+    results: Results, fleet: Fleet, options: Options, target: Target, load: str, connections: int, one_core: bool
+) -> None:
     script = wrk_script(options.workdir, target.name.split()[0], target.authorization)
     binary, log = need("wrk"), options.workdir / "wrk.log"
+    cpu_for_wrk = ONE_CORE if one_core else None
     await wait_for_quiet(fleet, options.quiet_wait)
-    if options.warmup > 0:
-        await wrk(binary, target.url, script, connections, options.warmup, log)
-    meter = CpuMeter(fleet.groups(target.processes), fleet.groups())
-    result = await wrk(binary, target.url, script, connections, options.duration, log)
-    cpu = meter.stop()
-    results.runs.setdefault(target.name, {}).setdefault(connections, []).append(Run(result, cpu))
+    chain = fleet.threads([*target.processes, "nginx-upstream"]) if one_core else []
+    with on_one_core(chain, ONE_CORE):
+        if options.warmup > 0:
+            await wrk(binary, target.url, script, connections, options.warmup, log, cpu=cpu_for_wrk)
+        meter = CpuMeter(fleet.groups(target.processes), fleet.groups())
+        result = await wrk(binary, target.url, script, connections, options.duration, log, cpu=cpu_for_wrk)
+        cpu = meter.stop()
+    results.runs.setdefault(target.name, {}).setdefault(load, []).append(Run(result, cpu))
     flag = f"  other load {100 * cpu.other:.0f} %" + (" (noisy)" if cpu.other > NOISY else "")
     print(
-        f"  {target.name:<20} c={connections:<3} {result.rate:>9,.0f} req/s  p50 {result.p50_us:>7,.0f} µs  "
+        f"  {target.name:<20} {load:<13} {result.rate:>9,.0f} req/s  p50 {result.p50_us:>7,.0f} µs  "
         f"p99 {result.p99_us:>7,.0f} µs  CPU {cpu.target:.2f}{flag}",
         flush=True,
     )
@@ -194,11 +204,11 @@ async def measure_all(fleet: Fleet, options: Options) -> Results:
     for round_number in range(1, options.rounds + 1):
         print(f"round {round_number} of {options.rounds}", flush=True)
         for target in targets:
-            for connections in CONCURRENCIES:
+            for load, connections, one_core in LOADS:
                 if target.name in results.failures:
                     continue
                 try:
-                    await drive(results, fleet, options, target, connections)
+                    await drive(results, fleet, options, target, load, connections, one_core)
                 except RuntimeError as error:
                     # One broken target must not cost the others' figures: record it, stop it (it may be
                     # spinning on a core), go on.
@@ -207,8 +217,8 @@ async def measure_all(fleet: Fleet, options: Options) -> Results:
                         f" ({lines[1]})" if len(lines) > 1 and "wrk failed" in lines[0] else ""
                     )
                     reason += await busy_while_failing(fleet, target)
-                    results.failures[target.name] = f"round {round_number}, c={connections}: {reason}"
-                    print(f"  {target.name:<20} c={connections:<3} FAILED: {reason}", flush=True)
+                    results.failures[target.name] = f"round {round_number}, {load}: {reason}"
+                    print(f"  {target.name:<20} {load:<13} FAILED: {reason}", flush=True)
                     for name in target.processes:
                         print(fleet.log_tail(name, 5), flush=True)
                         fleet.stop(name)

@@ -7,6 +7,7 @@ argon2 memo), whose figures are thrown away. Latencies are wrk's own percentiles
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import statistics
 import time
@@ -56,8 +57,9 @@ def wrk_script(workdir: Path, name: str, authorization: str) -> Path:
 
 
 async def wrk(
-    wrk_binary: str, url: str, script: Path, connections: int, seconds: float, log: Path
+    wrk_binary: str, url: str, script: Path, connections: int, seconds: float, log: Path, *, cpu: int | None = None
 ) -> WrkResult:
+    """`cpu`: run wrk on that core only (for the one-core latency runs)."""
     threads = 1 if connections == 1 else 2
     argv = [
         wrk_binary,
@@ -70,7 +72,10 @@ async def wrk(
         url,
     ]
     process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        preexec_fn=None if cpu is None else lambda: os.sched_setaffinity(0, {cpu}),
     )
     try:
         output = (await process.communicate())[0].decode(errors="replace")

@@ -15,7 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -111,6 +112,16 @@ class Fleet:
         """Process group ids (each process leads its own): for CPU accounting."""
         return [process.pid for name, process in self._processes.items() if names is None or name in names]
 
+    def threads(self, names: list[str]) -> list[int]:
+        """Every thread of every process in these processes' groups (their workers included)."""
+        groups = set(self.groups(names))
+        return [
+            int(task.name)
+            for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and _group_of(entry) in groups
+            for task in (entry / "task").glob("*")
+        ]
+
     def check_alive(self, name: str) -> None:
         process = self._processes[name]
         if process.poll() is not None:
@@ -151,6 +162,21 @@ class Fleet:
     def stop_all(self) -> None:
         for name in reversed(list(self._processes)):
             self.stop(name)
+
+
+@contextmanager
+def on_one_core(threads: list[int], cpu: int) -> Iterator[None]:
+    """Keep these threads on one core for a while, then let them run anywhere again."""
+    everywhere = os.sched_getaffinity(0)
+    for thread in threads:
+        with suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(thread, {cpu})
+    try:
+        yield
+    finally:
+        for thread in threads:
+            with suppress(OSError):
+                os.sched_setaffinity(thread, everywhere)
 
 
 def _group_of(proc: Path) -> int | None:
