@@ -51,6 +51,17 @@ def _timed_out(waiter: asyncio.Future[None], message: str) -> None:
         waiter.set_exception(UpstreamTimeout(message))
 
 
+def _only_chunked(headers: list[tuple[bytes, bytes]]) -> bool:
+    codings = [
+        coding.strip().lower()
+        for name, value in headers
+        if name.lower() == b"transfer-encoding"
+        for coding in value.split(b",")
+        if coding.strip()
+    ]
+    return codings == [b"chunked"]
+
+
 def _without_listed(headers: list[tuple[bytes, bytes]]) -> bytes:
     """The relayable headers when Connection names some of them (RFC 9110 section 7.6.1): those go too."""
     listed = {
@@ -212,6 +223,10 @@ class _Connection(asyncio.Protocol):
         else:
             has_body = status != 204 and status != 304
             keep_alive = parser.should_keep_alive()
+            if te and has_body and not _only_chunked(headers):
+                # A body still gzip- (or otherwise) coded once de-chunked could only reach the client corrupt:
+                # the coding travels in Transfer-Encoding, which is hop-by-hop and not relayed.
+                raise UpstreamProtocolError("the upstream used a transfer coding other than chunked")
         if not keep_alive:
             self.reusable = False
         response = UpstreamResponse(

@@ -105,6 +105,29 @@ async def test_upstream_refusing_connections_gets_502(start_gateway: GatewayFact
     assert (await response.json())["code"] == "upstream_unavailable"
 
 
+async def test_upstream_answer_in_a_transfer_coding_other_than_chunked_gets_502(
+    start_gateway: GatewayFactory,
+) -> None:
+    """The coding would be lost with the hop-by-hop Transfer-Encoding: refused, never relayed corrupt."""
+
+    async def gzip_coded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nxxxxx\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(gzip_coded, "127.0.0.1", 0)
+    try:
+        gateway = await start_gateway(upstream=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        token = (await gateway.create_token())["token"]
+        response = await gateway.call(token)
+        assert response.status == 502
+        assert (await response.json())["code"] == "upstream_unavailable"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_slow_upstream_gets_504(start_gateway: GatewayFactory) -> None:
     gateway = await start_gateway(upstream_timeout=0.2)
     token = (await gateway.create_token())["token"]

@@ -569,6 +569,25 @@ async def test_invalid_response_is_a_protocol_error(
         await make_pool(server.port).request("GET", "/", host(server.port), None)
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"Transfer-Encoding: gzip\r\nConnection: close\r\n\r\n",
+    ],
+    ids=["gzip then chunked", "gzip alone"],
+)
+async def test_a_transfer_coding_other_than_chunked_is_a_protocol_error(
+    framing: bytes, make_pool: PoolFactory, raw_server: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    """Relayed without its (hop-by-hop) Transfer-Encoding, such a body would reach the client still coded."""
+    server = await raw_server(keep_alive(lambda head, _: b"HTTP/1.1 200 OK\r\n" + framing))
+    pool = make_pool(server.port)
+    with pytest.raises(UpstreamProtocolError, match="transfer coding other than chunked"):
+        await pool.request("GET", "/", host(server.port), None)
+    assert pool.idle_count == 0
+
+
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
