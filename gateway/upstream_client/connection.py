@@ -84,7 +84,7 @@ class _Connection(asyncio.Protocol):
         "pool", "loop", "read_timeout", "transport", "parser", "closed", "reusable", "idle_since", "in_pool",
         "active", "head_waiter", "response", "awaiting_head", "informational", "received_any", "is_head",
         "head_pending", "parser_spent", "write_paused", "write_waiter", "failed",
-        "m_headers", "m_reason",
+        "fed_body", "framing_pending", "m_headers", "m_reason", "m_size",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -109,6 +109,8 @@ class _Connection(asyncio.Protocol):
         self.parser_spent = False
         self.write_paused = False
         self.write_waiter: asyncio.Future[None] | None = None
+        self.fed_body = False
+        self.framing_pending = 0
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -144,6 +146,7 @@ class _Connection(asyncio.Protocol):
             self.abort()
             return
         self.received_any = True
+        self.fed_body = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -158,6 +161,16 @@ class _Connection(asyncio.Protocol):
             self.head_pending += len(data)
             if self.head_pending > self.pool._max_header_bytes:
                 self.fail(self._head_too_large())
+        elif self.fed_body:
+            self.framing_pending = 0
+        else:
+            # Reads that carried no body byte hold only chunk framing or trailers, which httptools buffers
+            # whole: bound them like a head, so an upstream cannot grow them without end.
+            self.framing_pending += len(data)
+            if self.framing_pending > self.pool._max_header_bytes:
+                self.fail(UpstreamProtocolError(
+                    f"the upstream sent more than {self.pool._max_header_bytes} bytes of chunk framing or trailers"
+                ))
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -172,14 +185,22 @@ class _Connection(asyncio.Protocol):
             raise UpstreamProtocolError("the upstream sent a response that no request asked for")
         self.m_headers: list[tuple[bytes, bytes]] = []
         self.m_reason = b""
+        self.m_size = 0
 
     def on_status(self, reason: bytes) -> None:
         self.m_reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Only collected: one pass in on_headers_complete reads them (the head's size is bounded per read by
-        # data_received, and as a whole there).
-        self.m_headers.append((name, value))
+        # Every head (1xx ones too) and the trailers are bounded as a whole here, and per read by
+        # data_received. Only a head's fields are kept (one pass in on_headers_complete reads them); trailers
+        # are dropped, never relayed.
+        self.m_size += len(name) + len(value) + 4
+        if self.awaiting_head:
+            if self.m_size > self.pool._max_header_bytes:
+                raise self._head_too_large()
+            self.m_headers.append((name, value))
+        elif self.m_size > self.pool._max_header_bytes:
+            raise UpstreamProtocolError(f"the response trailers are larger than {self.pool._max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -191,13 +212,12 @@ class _Connection(asyncio.Protocol):
             self.head_pending = 0
             return
         self.awaiting_head = False
+        self.m_size = 0  # from here on, it counts the trailers
         headers = self.m_headers
-        size = 0
         length: int | None = None
         te = chunked = close = keep_alive = listed = dated = False
         relay: list[bytes] = []
         for name, value in headers:
-            size += len(name) + len(value) + 4
             name_size = len(name)
             if name_size in _NOT_RELAYED_LENGTHS and (lower := name.lower()) in _NOT_RELAYED:
                 if lower == b"content-length":
@@ -214,8 +234,6 @@ class _Connection(asyncio.Protocol):
             relay += (name, b": ", value, b"\r\n")
             if name_size == 4 and name.lower() == b"date":
                 dated = True
-        if size > self.pool._max_header_bytes:
-            raise self._head_too_large()
         if self.is_head:  # llhttp cannot be told about HEAD: the parser is replaced after this exchange
             self.parser_spent = True
             has_body = False
@@ -223,7 +241,7 @@ class _Connection(asyncio.Protocol):
         else:
             has_body = status != 204 and status != 304
             keep_alive = parser.should_keep_alive()
-            if te and has_body and not _only_chunked(headers):
+            if te and has_body and not (chunked and _only_chunked(headers)):
                 # A body still gzip- (or otherwise) coded once de-chunked could only reach the client corrupt:
                 # the coding travels in Transfer-Encoding, which is hop-by-hop and not relayed.
                 raise UpstreamProtocolError("the upstream used a transfer coding other than chunked")
@@ -249,6 +267,7 @@ class _Connection(asyncio.Protocol):
         self._wake_writer(None)  # an early answer stops an upload
 
     def on_body(self, data: bytes) -> None:
+        self.fed_body = True
         response = self.response
         if response is None or response._done:  # a body where none may be (HEAD): never reuse this
             self.reusable = False
@@ -314,7 +333,7 @@ class _Connection(asyncio.Protocol):
         self.active = self.awaiting_head = True
         self.received_any = self.informational = False
         self.is_head = is_head
-        self.head_pending = 0
+        self.head_pending = self.framing_pending = 0
         self.response = None
         if close:
             self.reusable = False

@@ -122,9 +122,40 @@ async def test_a_connection_repeating_a_request_is_judged_again_after_each_token
     assert status == 200
     assert await ask() == (401, "token_disabled")
     status, _ = await gateway.admin_call("POST", f"/v1/tokens/{created['id']}/enable")
+    assert status == 200
     assert await ask() == (200, "")
     status, _ = await gateway.admin_call("DELETE", f"/v1/tokens/{created['id']}")
+    assert status == 204
     assert await ask() == (401, "invalid_token")
+
+
+async def test_a_connection_alternating_allowed_and_refused_requests_gets_each_its_own_answer(
+    gateway: Gateway, connect: object
+) -> None:
+    """The remembered decision holds for one method and target only: a request that differs in either,
+    even by a query string or a dot segment, is judged afresh."""
+    token = (await gateway.create_token(access_level="restricted_read_only"))["token"]
+    client = await connect()  # type: ignore[operator]
+
+    async def ask(method: str, target: str) -> tuple[int, str]:
+        await client.send(
+            f"{method} {target} HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        )
+        status, _, body = await client.response(head_only=method == "HEAD")
+        return status, json.loads(body).get("code", "") if status >= 400 and body else ""
+
+    allowed, refused = (200, ""), (403, "insufficient_access_level")
+    assert await ask("GET", "/api/news/1") == allowed
+    assert await ask("GET", "/api/users") == refused
+    assert await ask("GET", "/api/news/1") == allowed
+    assert await ask("GET", "/api/news/1?page=2") == allowed
+    assert await ask("GET", "/api/news/../users") == refused
+    assert await ask("GET", "/api/news/%2e%2e/users") == refused
+    assert await ask("GET", "/api/news/1") == allowed
+    assert await ask("POST", "/api/news/1") == refused
+    assert await ask("HEAD", "/api/news/1") == allowed
+    assert await ask("OPTIONS", "/api/news/1") == refused
+    assert await ask("GET", "/api/news/1") == allowed
 
 
 async def test_http_1_0_closes_unless_asked_to_keep_alive(gateway: Gateway, connect: object) -> None:

@@ -561,6 +561,59 @@ async def test_oversized_response_head_is_an_error_not_a_hang(
     assert pool.idle_count == 0
 
 
+async def test_oversized_informational_head_is_an_error(
+    make_pool: PoolFactory, raw_server: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    interim = f"HTTP/1.1 103 Early Hints\r\nLink: <{'v' * 70 * 1024}>\r\n\r\n".encode()
+    server = await raw_server(keep_alive(lambda head, _: interim + answer(b"ok")))
+    pool = make_pool(server.port, read_timeout=30)
+    with pytest.raises(UpstreamProtocolError, match="larger than 65536"):
+        await pool.request("GET", "/", host(server.port), None)
+    assert pool.idle_count == 0
+
+
+def chunked_with_trailers(*trailers: str) -> bytes:
+    fields = "".join(f"{line}\r\n" for line in trailers)
+    return f"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n{fields}\r\n".encode()
+
+
+async def test_trailers_are_read_and_dropped(
+    make_pool: PoolFactory, raw_server: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    server = await raw_server(keep_alive(lambda head, _: chunked_with_trailers("X-Checksum: abc")))
+    pool = make_pool(server.port)
+    for _ in range(2):
+        response = await pool.request("GET", "/", host(server.port), None)
+        assert await response.read_all(10) == b"ok"
+        assert response.headers == [(b"Transfer-Encoding", b"chunked")]
+    assert server.accepted == 1
+
+
+@pytest.mark.parametrize("shape", ["one value", "many fields", "many reads"])
+async def test_oversized_trailers_are_an_error_not_a_memory_leak(
+    shape: str, make_pool: PoolFactory, raw_server: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await read_request(reader)
+        if shape == "many reads":  # one trailer field, arriving a little at a time for ever
+            writer.write(chunked_with_trailers()[:-2] + b"X-Slow: ")
+            while True:
+                writer.write(b"v" * 1024)
+                await writer.drain()
+                await asyncio.sleep(0.001)
+        lines = [f"X-Big: {'v' * 100 * 1024}"] if shape == "one value" else [f"X-T{n}: {'v' * 1000}" for n in range(100)]
+        writer.write(chunked_with_trailers(*lines))
+        await writer.drain()
+        await reader.read()
+
+    server = await raw_server(handle)
+    pool = make_pool(server.port, read_timeout=30)
+    response = await pool.request("GET", "/", host(server.port), None)
+    with pytest.raises(UpstreamProtocolError, match="trailers"):
+        await response.read_all(10)
+    assert pool.idle_count == 0
+
+
 async def test_invalid_response_is_a_protocol_error(
     make_pool: PoolFactory, raw_server: Callable[[Handler], Awaitable[RawServer]]
 ) -> None:
@@ -574,8 +627,9 @@ async def test_invalid_response_is_a_protocol_error(
     [
         b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
         b"Transfer-Encoding: gzip\r\nConnection: close\r\n\r\n",
+        b"Transfer-Encoding: chunked,\r\n\r\n2\r\nok\r\n0\r\n\r\n",
     ],
-    ids=["gzip then chunked", "gzip alone"],
+    ids=["gzip then chunked", "gzip alone", "chunked then an empty coding"],
 )
 async def test_a_transfer_coding_other_than_chunked_is_a_protocol_error(
     framing: bytes, make_pool: PoolFactory, raw_server: Callable[[Handler], Awaitable[RawServer]]
