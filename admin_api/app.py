@@ -11,6 +11,7 @@ from admin_api.admin_auth import AdminAuthenticator, admin_auth_middleware, admi
 from admin_api.validation import parse_limit, query_parameters
 from gateway.background import background_task
 from gateway.core import Core, core_key
+from gateway.health import readiness
 from gateway.problems import GatewayError, bad_request, problem_middleware
 from gateway.store import InvalidCursor
 
@@ -44,23 +45,10 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     """Whether this admin process can do its work: the store answers, and Redis too when configured."""
     core = request.app[core_key]
-    checks: dict[str, str] = {}
-    try:
-        await asyncio.wait_for(core.store.ping(), timeout=2.0)
-        checks["store"] = "ok"
-    except Exception:
-        checks["store"] = "unavailable"
-    if core.shared is None:
-        checks["redis"] = "not configured"
-    else:
-        try:
-            await asyncio.wait_for(core.shared.client.ping(), timeout=2.0)
-            checks["redis"] = "ok"
-        except Exception:
-            checks["redis"] = "unavailable"
+    ready, checks = await readiness(core)
+    if core.shared is not None:
         pending = await core.store.pending_changes(limit=1000) if checks["store"] == "ok" else []
         checks["undelivered_changes"] = str(len(pending))
-    ready = checks["store"] == "ok" and checks["redis"] in ("ok", "not configured")
     return web.json_response({"status": "ok" if ready else "unavailable", **checks}, status=200 if ready else 503)
 
 

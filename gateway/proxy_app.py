@@ -28,7 +28,15 @@ from gateway.forward import (
     open_upstream_pool,
     upstream_request_head,
 )
-from gateway.http_server import HttpLimits, HttpRequest, RequestHandler, http_handler_key, http_limits_key
+from gateway.health import HealthProbe
+from gateway.http_server import (
+    HttpLimits,
+    HttpRequest,
+    RequestHandler,
+    date_header,
+    http_handler_key,
+    http_limits_key,
+)
 from gateway.problems import GatewayError
 from gateway.token_cache import CachedToken
 
@@ -44,6 +52,8 @@ class ProxyHandler:
         self._usage = core.usage
         self._authenticator = authenticator
         self._forwarder = forwarder
+        path = core.settings.proxy_health_path
+        self._health = HealthProbe(core, path) if path is not None else None
 
     async def __call__(self, request: HttpRequest) -> None:
         target = request.target
@@ -51,6 +61,9 @@ class ProxyHandler:
             # An absolute-form target appended to the upstream URL would put its scheme into the upstream host
             # name ("http://api" + "admin://x/y" connects to "apiadmin"): only origin-form paths are forwarded.
             raise GatewayError(400, "invalid_request_target", "The request target must be a path, such as /api/posts.")
+        if self._health is not None and self._health.matches(target):
+            await _answer_health(request, self._health)
+            return
         seen = request.connection_state
         if not isinstance(seen, _SeenHeaders) or seen.headers != request.headers:
             seen = request.connection_state = self._read_headers(request)
@@ -135,6 +148,21 @@ class _Decision(NamedTuple):
     target: bytes
     upstream_head: bytes
     max_body: int
+
+
+async def _answer_health(request: HttpRequest, probe: HealthProbe) -> None:
+    """The load balancers' answer, without credentials; never forwarded."""
+    if request.method not in ("GET", "HEAD"):
+        raise GatewayError(
+            405, "method_not_allowed", "The health path answers GET and HEAD.", headers={"Allow": "GET, HEAD"}
+        )
+    status, body = await probe.answer()
+    request.respond(
+        status,
+        b"OK" if status == 200 else b"Service Unavailable",
+        b"Content-Type: application/json\r\nCache-Control: no-store\r\n" + date_header(),
+        body,
+    )
 
 
 def _credential_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, list[str]]:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import netaddr
 
-from gateway.access_levels import AccessLevel, AccessLevelConfigError, parse_access_levels
+from gateway.access_levels import AccessLevel, AccessLevelConfigError, normalize_path, parse_access_levels
 from gateway.secrets import Argon2Parameters
 from gateway.token_format import PREFIX_PATTERN
 
@@ -87,6 +87,7 @@ class Settings:
     admin_tls_key: Path | None
     log_level: str
     access_log: bool
+    proxy_health_path: str | None
     argon2: Argon2Parameters
     access_levels: Mapping[str, AccessLevel] = field(repr=False)
 
@@ -258,6 +259,16 @@ def _as_key_prefix(raw: Any) -> str:
     return text
 
 
+def _as_health_path(raw: Any) -> str:
+    """A path matched exactly against normalised request paths, so it must be in normal form itself."""
+    text = _as_str(raw).strip()
+    if not text.startswith("/") or text == "/":
+        raise ValueError("must be an absolute path other than '/', such as /.gateway/health, or empty for none")
+    if "?" in text or "#" in text or "%" in text or not text.isascii() or normalize_path(text) != text:
+        raise ValueError(f"must be a normalised ASCII path without a query, got {text!r}")
+    return text
+
+
 def _as_log_level(raw: Any) -> str:
     text = _as_str(raw).upper()
     if text not in logging.getLevelNamesMapping():
@@ -297,11 +308,12 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "admin_tls_key": _as_file,
     "log_level": _as_log_level,
     "access_log": _as_bool,
+    "proxy_health_path": _as_health_path,
     "argon2.time_cost": _as_int(1, 100),
     "argon2.memory_cost_kib": _as_int(8, 4 * 1024 * 1024),
     "argon2.parallelism": _as_int(1, 64),
 }
-_OPTIONAL = {"upstream", "admin_key", "redis_url", "admin_tls_cert", "admin_tls_key"}
+_OPTIONAL = {"upstream", "admin_key", "redis_url", "admin_tls_cert", "admin_tls_key", "proxy_health_path"}
 
 
 def env_name(setting: str) -> str:
@@ -415,6 +427,7 @@ def load_settings(
         admin_tls_key=values["admin_tls_key"],
         log_level=values["log_level"],
         access_log=values["access_log"],
+        proxy_health_path=values["proxy_health_path"],
         argon2=Argon2Parameters(
             time_cost=values["argon2.time_cost"],
             memory_cost_kib=values["argon2.memory_cost_kib"],
