@@ -1,11 +1,15 @@
-"""One upstream connection as an asyncio Protocol: writes a request, parses the response with httptools."""
+"""One upstream connection as an asyncio Protocol: writes a request, parses the response with httptools.
+
+Below the pool, above the response: the pool hands each connection its limits and two callbacks, so a
+connection never reaches into the pool, and a response reaches its connection only as a `BodySource`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, cast
+from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import httptools
 
@@ -17,9 +21,6 @@ from gateway.upstream_client.errors import (
     UpstreamTimeout,
 )
 from gateway.upstream_client.response import UpstreamResponse
-
-if TYPE_CHECKING:
-    from gateway.upstream_client.pool import UpstreamPool
 
 Body = bytes | bytearray | memoryview | AsyncIterator[bytes] | None
 
@@ -42,7 +43,7 @@ HOP_BY_HOP_HEADERS = frozenset(
 _NOT_RELAYED = HOP_BY_HOP_HEADERS | {b"content-length"}
 _NOT_RELAYED_LENGTHS = frozenset(len(name) for name in _NOT_RELAYED)
 
-_IN_MEMORY = (bytes, bytearray, memoryview)
+IN_MEMORY = (bytes, bytearray, memoryview)  # bodies sent whole: the ones that may be sent again
 _JOIN_BELOW = 16 * 1024  # a body this small goes out in the same write as the head
 
 
@@ -77,20 +78,37 @@ def _without_listed(headers: list[tuple[bytes, bytes]]) -> bytes:
     )
 
 
-class _Connection(asyncio.Protocol):
-    """One upstream connection, serving one exchange at a time (no pipelining)."""
+class Connection(asyncio.Protocol):
+    """One upstream connection, serving one exchange at a time (no pipelining).
+
+    `on_finished(conn, reuse)` is called when an exchange is over (`release`), `on_lost(conn)` when the
+    connection closed; the pool uses them to keep or drop it.
+    """
 
     __slots__ = (
-        "pool", "loop", "read_timeout", "transport", "parser", "closed", "reusable", "idle_since", "in_pool",
+        "loop", "read_timeout", "max_header_bytes", "read_high_water", "on_finished", "on_lost",
+        "transport", "parser", "closed", "reusable", "idle_since", "in_pool",
         "active", "head_waiter", "response", "awaiting_head", "informational", "received_any", "is_head",
         "head_pending", "parser_spent", "write_paused", "write_waiter", "failed",
         "fed_body", "framing_pending", "m_headers", "m_reason", "m_size",
     )
 
-    def __init__(self, pool: UpstreamPool) -> None:
-        self.pool = pool
-        self.loop = pool._loop
-        self.read_timeout = pool._read_timeout
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        read_timeout: float,
+        max_header_bytes: int,
+        read_high_water: int,
+        on_finished: Callable[[Connection, bool], None],
+        on_lost: Callable[[Connection], None],
+    ) -> None:
+        self.loop = loop
+        self.read_timeout = read_timeout
+        self.max_header_bytes = max_header_bytes
+        self.read_high_water = read_high_water
+        self.on_finished = on_finished
+        self.on_lost = on_lost
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -125,7 +143,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reusable = False
-        self.pool._lost(self)
+        self.on_lost(self)
         if not self.active:
             return
         waiter = self.head_waiter
@@ -134,11 +152,11 @@ class _Connection(asyncio.Protocol):
             error.nothing_received = not self.received_any
             waiter.set_exception(error)
         response = self.response
-        if response is not None and not response._done:
+        if response is not None and not response.done:
             if exc is None and not response.body_length_known and not self.failed:
-                response._finish()  # a body delimited by the close has ended
+                response.finish()  # a body delimited by the close has ended
             else:
-                response._fail(UpstreamBodyError("the upstream closed the connection mid-body"))
+                response.fail(UpstreamBodyError("the upstream closed the connection mid-body"))
         self._wake_writer(UpstreamConnectionError("the upstream closed the connection"))
 
     def data_received(self, data: bytes) -> None:
@@ -159,7 +177,7 @@ class _Connection(asyncio.Protocol):
             return
         if self.awaiting_head:
             self.head_pending += len(data)
-            if self.head_pending > self.pool._max_header_bytes:
+            if self.head_pending > self.max_header_bytes:
                 self.fail(self._head_too_large())
         elif self.fed_body:
             self.framing_pending = 0
@@ -167,9 +185,9 @@ class _Connection(asyncio.Protocol):
             # Reads that carried no body byte hold only chunk framing or trailers, which httptools buffers
             # whole: bound them like a head, so an upstream cannot grow them without end.
             self.framing_pending += len(data)
-            if self.framing_pending > self.pool._max_header_bytes:
+            if self.framing_pending > self.max_header_bytes:
                 self.fail(UpstreamProtocolError(
-                    f"the upstream sent more than {self.pool._max_header_bytes} bytes of chunk framing or trailers"
+                    f"the upstream sent more than {self.max_header_bytes} bytes of chunk framing or trailers"
                 ))
 
     def pause_writing(self) -> None:
@@ -196,11 +214,11 @@ class _Connection(asyncio.Protocol):
         # are dropped, never relayed.
         self.m_size += len(name) + len(value) + 4
         if self.awaiting_head:
-            if self.m_size > self.pool._max_header_bytes:
+            if self.m_size > self.max_header_bytes:
                 raise self._head_too_large()
             self.m_headers.append((name, value))
-        elif self.m_size > self.pool._max_header_bytes:
-            raise UpstreamProtocolError(f"the response trailers are larger than {self.pool._max_header_bytes} bytes")
+        elif self.m_size > self.max_header_bytes:
+            raise UpstreamProtocolError(f"the response trailers are larger than {self.max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -255,12 +273,12 @@ class _Connection(asyncio.Protocol):
             will_close=not self.reusable,
             body_length_known=not has_body or (chunked if te else length is not None),
             conn=self,
-            high_water=self.pool._read_high_water,
+            high_water=self.read_high_water,
             relay_headers=_without_listed(headers) if listed else b"".join(relay),
             has_date=dated,
         )
         if not has_body:
-            response._done = True
+            response.done = True
         self.response = response
         assert self.head_waiter is not None
         self.head_waiter.set_result(response)
@@ -269,19 +287,22 @@ class _Connection(asyncio.Protocol):
     def on_body(self, data: bytes) -> None:
         self.fed_body = True
         response = self.response
-        if response is None or response._done:  # a body where none may be (HEAD): never reuse this
+        if response is None or response.done:  # a body where none may be (HEAD): never reuse this
             self.reusable = False
             return
-        response._feed(data)
+        response.feed(data)
 
     def on_message_complete(self) -> None:
         if self.informational:
             self.informational = False
             return
         if self.response is not None:
-            self.response._finish()
+            self.response.finish()
 
-    # used by the pool and the response
+    # The pool's and the response's side (the response's as a BodySource).
+    def release(self, reuse: bool) -> None:
+        self.on_finished(self, reuse)
+
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
@@ -302,15 +323,15 @@ class _Connection(asyncio.Protocol):
         waiter = self.head_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
-        elif self.response is not None and not self.response._done:
-            self.response._fail(error)
+        elif self.response is not None and not self.response.done:
+            self.response.fail(error)
         self._wake_writer(error)
 
     def read_timed_out(self) -> None:
         self.fail(UpstreamTimeout(f"the upstream sent nothing for {self.read_timeout} s"))
 
     def _head_too_large(self) -> UpstreamProtocolError:
-        return UpstreamProtocolError(f"the response head is larger than {self.pool._max_header_bytes} bytes")
+        return UpstreamProtocolError(f"the response head is larger than {self.max_header_bytes} bytes")
 
     def _wake_writer(self, error: BaseException | None) -> None:
         waiter = self.write_waiter
@@ -344,7 +365,7 @@ class _Connection(asyncio.Protocol):
         try:
             if body is None:
                 transport.write(head)
-            elif isinstance(body, _IN_MEMORY):
+            elif isinstance(body, IN_MEMORY):
                 if len(body) < _JOIN_BELOW:
                     transport.write(head + body)
                 else:

@@ -8,7 +8,7 @@ import ssl as ssl_module
 from collections import deque
 from collections.abc import Iterable
 
-from gateway.upstream_client.connection import _IN_MEMORY, Body, _Connection
+from gateway.upstream_client.connection import IN_MEMORY, Body, Connection
 from gateway.upstream_client.errors import (
     UpstreamConnectError,
     UpstreamConnectionError,
@@ -64,8 +64,8 @@ class UpstreamPool:
         self._read_high_water = read_high_water
         self._retry_non_idempotent = retry_non_idempotent
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on first use
-        self._idle: deque[_Connection] = deque()  # oldest left, newest right
-        self._busy: set[_Connection] = set()
+        self._idle: deque[Connection] = deque()  # oldest left, newest right
+        self._busy: set[Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
         self._methods: dict[str, bytes] = {}
@@ -105,7 +105,7 @@ class UpstreamPool:
             try:
                 return await self._exchange(conn, head, body, content_length, chunked, is_head, close)
             except UpstreamConnectionError as error:
-                if not error.nothing_received or not isinstance(body, (*_IN_MEMORY, type(None))):
+                if not error.nothing_received or not isinstance(body, (*IN_MEMORY, type(None))):
                     raise
                 if not self._retry_non_idempotent and method not in IDEMPOTENT_METHODS:
                     raise
@@ -125,7 +125,7 @@ class UpstreamPool:
         await asyncio.sleep(0)  # let the transports report their closing
 
     async def _exchange(
-        self, conn: _Connection, head: bytes, body: Body, length: int | None, chunked: bool, is_head: bool,
+        self, conn: Connection, head: bytes, body: Body, length: int | None, chunked: bool, is_head: bool,
         close: bool,
     ) -> UpstreamResponse:
         self._busy.add(conn)
@@ -134,11 +134,11 @@ class UpstreamPool:
         except BaseException:
             self._finished(conn, False)
             raise
-        if response._done:
-            response._detach(True)
+        if response.done:
+            response.detach(True)
         return response
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> Connection:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await self._loop.create_connection(
@@ -154,10 +154,17 @@ class UpstreamPool:
         self.opened += 1
         return conn
 
-    def _new_connection(self) -> _Connection:
-        return _Connection(self)
+    def _new_connection(self) -> Connection:
+        return Connection(
+            self._loop,
+            read_timeout=self._read_timeout,
+            max_header_bytes=self._max_header_bytes,
+            read_high_water=self._read_high_water,
+            on_finished=self._finished,
+            on_lost=self._lost,
+        )
 
-    def _pop_idle(self) -> _Connection | None:
+    def _pop_idle(self) -> Connection | None:
         idle = self._idle
         while idle:
             conn = idle.pop()
@@ -171,7 +178,7 @@ class UpstreamPool:
             return conn
         return None
 
-    def _finished(self, conn: _Connection, reuse: bool) -> None:
+    def _finished(self, conn: Connection, reuse: bool) -> None:
         """The exchange on `conn` is over: keep the connection for the next one, or drop it."""
         self._busy.discard(conn)
         conn.active = False
@@ -191,7 +198,7 @@ class UpstreamPool:
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self._idle_timeout, self._sweep)
 
-    def _lost(self, conn: _Connection) -> None:
+    def _lost(self, conn: Connection) -> None:
         self._busy.discard(conn)
         if conn.in_pool:
             conn.in_pool = False
@@ -252,7 +259,7 @@ class UpstreamPool:
             if chunked or content_length is not None:
                 raise ValueError("content_length and chunked describe a body, and there is none")
             framing = b""
-        elif isinstance(body, _IN_MEMORY):
+        elif isinstance(body, IN_MEMORY):
             if chunked or (content_length is not None and content_length != len(body)):
                 raise ValueError("an in-memory body is sent with its own length")
             framing = b"Content-Length: %d\r\n" % len(body)

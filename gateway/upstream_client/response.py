@@ -1,14 +1,31 @@
-"""A response from the upstream: its head, and its body handed out as it arrives."""
+"""A response from the upstream: its head, and its body handed out as it arrives.
+
+The bottom of the package: it knows the connection that feeds it only as a `BodySource`.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Self
+from typing import Protocol, Self
 
 from gateway.upstream_client.errors import UpstreamBodyError, UpstreamResponseTooLarge
 
-if TYPE_CHECKING:
-    from gateway.upstream_client.connection import _Connection
+
+class BodySource(Protocol):
+    """What a response needs from the connection its body arrives on."""
+
+    loop: asyncio.AbstractEventLoop
+    read_timeout: float
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def read_timed_out(self) -> None:
+        """The upstream was silent for `read_timeout` while a read waited: fail the exchange."""
+
+    def release(self, reuse: bool) -> None:
+        """The response is done with the connection: keep it for the next exchange (`reuse`) or drop it."""
 
 
 class UpstreamResponse:
@@ -16,12 +33,13 @@ class UpstreamResponse:
 
     The connection goes back to the pool by itself once the whole body has arrived and been handed out; a
     caller that stops early calls `close()` (or `release()`, the same), which discards an unfinished one.
+    The connection feeds the body through `feed`, `finish` and `fail`; `done` says that all of it arrived.
     """
 
     __slots__ = (
         "status", "reason", "headers", "relay_headers", "has_date", "content_length", "will_close",
-        "body_length_known", "max_buffered",
-        "_conn", "_chunks", "_buffered", "_high_water", "_paused", "_done", "_error", "_waiter",
+        "body_length_known", "max_buffered", "done",
+        "_conn", "_chunks", "_buffered", "_high_water", "_paused", "_error", "_waiter",
     )
 
     def __init__(
@@ -33,7 +51,7 @@ class UpstreamResponse:
         content_length: int | None,
         will_close: bool,
         body_length_known: bool,
-        conn: _Connection | None = None,
+        conn: BodySource | None = None,
         high_water: int = 256 * 1024,
         relay_headers: bytes = b"",
         has_date: bool = False,
@@ -54,7 +72,7 @@ class UpstreamResponse:
         self._buffered = 0
         self._high_water = high_water
         self._paused = False
-        self._done = conn is None
+        self.done = conn is None  # the whole body has arrived (it may not all be handed out yet)
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
 
@@ -70,16 +88,16 @@ class UpstreamResponse:
                 chunks.clear()
                 self._buffered = 0
                 if self._conn is not None:
-                    if self._done:
-                        self._detach(True)
+                    if self.done:
+                        self.detach(True)
                     elif self._paused:
                         self._paused = False
                         self._conn.resume_reading()
                 return data
             if self._error is not None:
                 raise self._error
-            if self._done:
-                self._detach(True)
+            if self.done:
+                self.detach(True)
                 return b""
             conn = self._conn
             assert conn is not None
@@ -102,13 +120,13 @@ class UpstreamResponse:
 
     def complete_body(self) -> bytes | None:
         """The whole body when it has already arrived (the usual case for a small answer), else None."""
-        if not self._done or self._error is not None:
+        if not self.done or self._error is not None:
             return None
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._buffered = 0
-        self._detach(True)
+        self.detach(True)
         return data
 
     async def read_all(self, limit: int) -> bytes:
@@ -126,10 +144,10 @@ class UpstreamResponse:
         """Abandon the response; an unfinished connection is discarded, never reused."""
         self._chunks.clear()
         self._buffered = 0
-        if not self._done and self._error is None:
+        if not self.done and self._error is None:
             self._error = UpstreamBodyError("the response was closed before its end")
         if self._conn is not None:
-            self._detach(self._done)
+            self.detach(self.done)
         self._wake()  # a read waiting in another task ends now
 
     release = close
@@ -140,8 +158,8 @@ class UpstreamResponse:
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
 
-    # Called by the connection, inside the parser's callbacks.
-    def _feed(self, data: bytes) -> None:
+    # The connection's side, called inside the parser's callbacks.
+    def feed(self, data: bytes) -> None:
         self._chunks.append(data)
         buffered = self._buffered = self._buffered + len(data)
         if buffered > self.max_buffered:
@@ -151,22 +169,18 @@ class UpstreamResponse:
             self._conn.pause_reading()
         self._wake()
 
-    def _finish(self) -> None:
-        self._done = True
+    def finish(self) -> None:
+        self.done = True
         self._wake()
 
-    def _fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
         self._conn = None
         self._wake()
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _detach(self, reuse: bool) -> None:
+    def detach(self, reuse: bool) -> None:
+        """Let go of the connection: back to the pool for the next exchange (`reuse`) or dropped."""
         conn = self._conn
         if conn is None:
             return
@@ -174,4 +188,9 @@ class UpstreamResponse:
         if self._paused:
             self._paused = False
             conn.resume_reading()
-        conn.pool._finished(conn, reuse)
+        conn.release(reuse)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)

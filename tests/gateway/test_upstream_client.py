@@ -938,3 +938,27 @@ async def test_relay_headers_leave_out_hop_by_hop_framing_and_connection_listed_
     response = await pool.request("GET", "/", host(server.port), None)
     assert (response.relay_headers, response.has_date) == (relayed, has_date)
     assert await response.read_all(100) == b"body"
+
+
+PACKAGE_TOP_DOWN = ["pool", "connection", "response", "errors"]  # each module imports only those after it
+
+
+def test_upstream_client_modules_import_downward_and_touch_no_private_names() -> None:
+    import ast
+
+    import gateway.upstream_client as package
+
+    folder = Path(package.__file__).parent
+    for index, name in enumerate(PACKAGE_TOP_DOWN):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        below = {f"gateway.upstream_client.{other}" for other in PACKAGE_TOP_DOWN[index + 1:]}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gateway.upstream_client"):
+                assert node.module in below, f"{name}.py imports {node.module}"
+                private = [alias.name for alias in node.names if alias.name.startswith("_")]
+                assert not private, f"{name}.py imports {private} from {node.module}"
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                owner = node.value
+                assert isinstance(owner, ast.Name) and owner.id == "self", (
+                    f"{name}.py line {node.lineno} reaches into another object's {node.attr}"
+                )
