@@ -13,7 +13,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator
 from http import HTTPStatus
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from gateway.http_server import HttpRequest, RequestBody, date_header
 from gateway.problems import GatewayError
@@ -29,41 +29,93 @@ from gateway.upstream_client import (
 
 log = logging.getLogger(__name__)
 
-# Hop-by-hop headers (upstream_client.HOP_BY_HOP_HEADERS) and those named in a `Connection` header are
-# never forwarded. Content-Length and Transfer-Encoding are framing: the upstream client writes its own, from
-# the body it actually sends.
+# Header names are compared folded: lower case, and every character other than a letter or a digit read as
+# `-`. WSGI and CGI servers (gunicorn, Werkzeug, PHP, Apache) turn `-` and `_` into the same environ key, so
+# `X_Forwarded_For` or `X_Gateway_Token_Id` would otherwise reach the upstream as the header we drop or own.
+HEADER_NAME_FOLD = bytes.maketrans(
+    bytes(range(256)),
+    bytes(
+        byte + 32 if 65 <= byte <= 90 else byte if 48 <= byte <= 57 or 97 <= byte <= 122 else 45
+        for byte in range(256)
+    ),
+)
 # Set by the gateway alone: whatever a client sends under these names is dropped.
 GATEWAY_HEADER_PREFIX = b"x-gateway-"
-# Dropped from the client's request: the credential, framing, the Host we replace, and forwarding claims that
-# we rewrite ourselves (or believe only from a trusted proxy).
-# `Expect: 100-continue` is answered by the gateway itself (http_server.py), once the request is accepted.
-REQUEST_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | frozenset(
+# Hop-by-hop headers (upstream_client.HOP_BY_HOP_HEADERS) and those named in a `Connection` header are
+# never forwarded. Content-Length and Transfer-Encoding are framing: the upstream client writes its own, from
+# the body it actually sends. `Expect: 100-continue` is answered by the gateway itself (http_server.py).
+FRAMING_HEADERS = frozenset({b"host", b"content-length", b"expect"})
+# The forwarding headers the gateway writes itself; the values a trusted proxy sent are kept in them.
+FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# Headers upstream frameworks read as the request's method (Symfony, Laravel, Express method-override,
+# ASP.NET, Spring's HiddenHttpMethodFilter alternatives): the gateway judges the request line's method only.
+METHOD_OVERRIDE_HEADERS = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
+# The same overrides as query parameters (Symfony, Laravel, CakePHP and Express method-override read `_method`
+# from the query string), folded like header names after percent-decoding: refused, never forwarded.
+METHOD_OVERRIDE_PARAMETERS = METHOD_OVERRIDE_HEADERS | {b"-method", b"-httpmethod"}
+# Headers IIS, Symfony, Zend/Laminas, nginx auth subrequests and Traefik read as the request's path: the
+# gateway judges the request target only.
+PATH_OVERRIDE_HEADERS = frozenset(
+    {b"x-original-url", b"x-rewrite-url", b"x-original-uri", b"x-forwarded-uri", b"x-forwarded-path"}
+)
+# Headers upstream libraries read as the client address (request-ip, Express/Django/Rails helpers, CDNs). The
+# gateway judges X-Forwarded-For alone (from trusted proxies) and forwards the chain it judged; any other
+# claim, even relayed by a trusted proxy that passes unknown headers on, would be an address nobody checked.
+CLIENT_ADDRESS_HEADERS = frozenset(
     {
-        b"authorization", b"host", b"content-length", b"expect",
-        b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+        b"forwarded", b"x-real-ip", b"x-client-ip", b"client-ip", b"true-client-ip", b"cf-connecting-ip",
+        b"cf-connecting-ipv6", b"cf-pseudo-ipv4", b"x-cluster-client-ip", b"forwarded-for", b"x-forwarded",
+        b"x-original-forwarded-for", b"fastly-client-ip", b"x-proxyuser-ip", b"x-appengine-user-ip",
+        b"akamai-client-ip", b"x-azure-clientip", b"x-azure-socketip", b"x-envoy-external-address",
+        b"x-remote-ip", b"x-remote-addr", b"x-originating-ip",
     }
 )
-UNTRUSTED_FORWARDING_HEADERS = frozenset({b"forwarded", b"x-real-ip"})
-UNTRUSTED_REQUEST_HEADERS_DROPPED = REQUEST_HEADERS_DROPPED | UNTRUSTED_FORWARDING_HEADERS
+# Everything dropped from the client's request (folded names): hop-by-hop, the credential, framing and the
+# Host we replace, and every header an upstream could read as a method, path or client address we did not
+# judge. Forwarding headers are rewritten (believed only from a trusted proxy).
+REQUEST_HEADERS_DROPPED = (
+    HOP_BY_HOP_HEADERS
+    | FRAMING_HEADERS
+    | FORWARDING_HEADERS
+    | METHOD_OVERRIDE_HEADERS
+    | PATH_OVERRIDE_HEADERS
+    | CLIENT_ADDRESS_HEADERS
+    | {b"authorization"}
+)
 SMALL_BODY = 64 * 1024
 BODILESS_STATUSES = frozenset({204, 304})
 
 
 def _connection_listed(values: list[bytes]) -> frozenset[bytes]:
     """Header names a `Connection` header lists (other than close and keep-alive): hop-by-hop, dropped."""
-    listed = {token.strip().lower() for value in values for token in value.split(b",")}
+    listed = {token.strip().translate(HEADER_NAME_FOLD) for value in values for token in value.split(b",")}
     return frozenset(listed - {b"", b"close", b"keep-alive"})
 
 
 def upstream_request_head(request: HttpRequest, *, host: bytes, peer_trusted: bool) -> bytes:
-    """The client's headers as sent upstream, as `Name: value\\r\\n` lines: hop-by-hop, credential and
-    gateway-owned headers dropped, forwarding headers rewritten. The upstream client adds framing; the caller
-    adds `gateway_headers`."""
-    dropped = REQUEST_HEADERS_DROPPED if peer_trusted else UNTRUSTED_REQUEST_HEADERS_DROPPED
-    lines, connection = _forwarded_lines(request, host, dropped, peer_trusted)
+    """The client's headers as sent upstream, as `Name: value\\r\\n` lines: REQUEST_HEADERS_DROPPED and
+    gateway-owned names dropped (compared folded), forwarding headers rewritten. The upstream client adds
+    framing; the caller adds `gateway_headers`."""
+    lines, connection = _forwarded_lines(request, host, REQUEST_HEADERS_DROPPED, peer_trusted)
     if connection and (listed := _connection_listed(connection)):
-        lines, _ = _forwarded_lines(request, host, dropped | listed, peer_trusted)
+        lines, _ = _forwarded_lines(request, host, REQUEST_HEADERS_DROPPED | listed, peer_trusted)
     return b"".join(lines)
+
+
+def refuse_method_override(target: bytes) -> None:
+    """A 400 for a query string that names a method override (`?_method=DELETE`): the upstream would run
+    another method than the one judged."""
+    query = target.partition(b"?")[2]
+    if not query or (b"%" not in query and b"ethod" not in query.lower()):
+        return
+    for parameter in query.replace(b";", b"&").split(b"&"):
+        key = unquote_to_bytes(parameter.partition(b"=")[0].replace(b"+", b" "))
+        if key.translate(HEADER_NAME_FOLD) in METHOD_OVERRIDE_PARAMETERS:
+            raise GatewayError(
+                400,
+                "method_override",
+                "The query string names a method override (such as _method); send the method itself.",
+            )
 
 
 def gateway_headers(token_id: str, access_level: str) -> bytes:
@@ -80,8 +132,9 @@ def _forwarded_lines(
     forwarded_for: list[bytes] = []
     forwarded_proto = forwarded_host = client_host = b""
     for name, value in request.headers:
-        lower = name.lower()
-        if lower in dropped or lower.startswith(GATEWAY_HEADER_PREFIX):
+        folded = name.translate(HEADER_NAME_FOLD)
+        if folded in dropped or folded.startswith(GATEWAY_HEADER_PREFIX):
+            lower = name.lower()  # the exact names only: `X_Forwarded_For` is dropped, never believed
             if lower == b"host":
                 client_host = value
             elif lower == b"connection":

@@ -26,6 +26,7 @@ from gateway.forward import (
     body_too_large,
     gateway_headers,
     open_upstream_pool,
+    refuse_method_override,
     upstream_request_head,
 )
 from gateway.health import HealthProbe
@@ -93,6 +94,7 @@ class ProxyHandler:
     ) -> _Decision:
         """Whether this token may make this request from this address: a 403 naming the reason, or what to
         send upstream."""
+        refuse_method_override(request.target)
         if token.ip_ranges is not None and (client_ip is None or client_ip not in token.ip_ranges):
             raise GatewayError(
                 403, "ip_not_allowed", f"This token may not be used from {client_ip or 'this address'}."

@@ -191,3 +191,99 @@ async def test_client_disconnect_mid_download_leaves_the_gateway_serving(gateway
     writer.close()
     for _ in range(3):
         assert (await gateway.call(token)).status == 200
+
+
+def _upstream_names(upstream: Upstream) -> list[str]:
+    return [name.lower() for name, _ in upstream.last["header_pairs"]]
+
+
+METHOD_OVERRIDES = ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override", "x_http_method_override"]
+PATH_REWRITES = ["X-Original-URL", "X-Rewrite-URL", "X-Original-URI", "X-Forwarded-Uri", "X_Original_URL"]
+CLIENT_ADDRESSES = [
+    "Forwarded", "X-Real-IP", "X-Client-IP", "True-Client-IP", "CF-Connecting-IP", "X-Cluster-Client-IP",
+    "Forwarded-For", "X-Forwarded", "X-Original-Forwarded-For", "Fastly-Client-IP", "X-ProxyUser-Ip",
+    "X_Real_IP", "True_Client_IP", "X_Forwarded_For", "x_forwarded", "Client-IP",
+]
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted peer", "trusted peer"])
+async def test_method_path_and_address_claims_never_reach_the_upstream(
+    start_gateway: GatewayFactory, upstream: Upstream, trusted: bool
+) -> None:
+    """The upstream could read any of these as the method, path or client address: none of them was judged."""
+    gateway = await start_gateway(trusted_proxies="127.0.0.0/8" if trusted else "")
+    token = (await gateway.create_token(access_level="read_only"))["token"]
+    claims = {name: "203.0.113.9" for name in CLIENT_ADDRESSES}
+    claims |= {name: "DELETE" for name in METHOD_OVERRIDES} | {name: "/api/admin/users" for name in PATH_REWRITES}
+
+    response = await gateway.call(token, "/api/posts", headers={**claims, "X-Kept": "1"})
+
+    assert response.status == 200
+    names = _upstream_names(upstream)
+    assert not set(names) & {name.lower() for name in claims}
+    assert "x-kept" in names
+    assert upstream.last["method"] == "GET"
+    assert upstream.last["headers"]["X-Forwarded-For"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["X_Gateway_Token_Id", "X-Gateway_Access-Level", "x.gateway.token.id", "X_Forwarded_Host", "Proxy_Authorization"],
+)
+async def test_a_header_spelled_with_underscores_cannot_stand_in_for_one_the_gateway_owns(
+    gateway: Gateway, upstream: Upstream, name: str
+) -> None:
+    """gunicorn, Werkzeug and PHP read `X_Gateway_Token_Id` as X-Gateway-Token-Id: it is dropped like it."""
+    created = await gateway.create_token(access_level="editorial")
+
+    response = await gateway.call(created["token"], headers={name: "forged", "Host": "api.example", "X_Custom": "kept"})
+
+    assert response.status == 200
+    assert name.lower() not in _upstream_names(upstream)
+    assert "forged" not in [value for _, value in upstream.last["header_pairs"]]
+    assert upstream.last["headers"]["X-Gateway-Token-Id"] == created["id"]
+    assert upstream.last["headers"]["X-Gateway-Access-Level"] == "editorial"
+    assert upstream.last["headers"]["X-Forwarded-Host"] == "api.example"
+    assert upstream.last["headers"]["X_Custom"] == "kept"  # folds onto no header the gateway owns or drops
+
+
+async def test_a_connection_header_naming_a_header_with_underscores_drops_it(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    token = (await gateway.create_token())["token"]
+    request = (
+        f"GET /api/posts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Connection: X-Private\r\nX_Private: secret-hop\r\nConnection: close\r\n\r\n"
+    )
+    status, _ = await send_raw(gateway.proxy, request.encode())
+    assert status == 200
+    assert "x_private" not in _upstream_names(upstream)
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["_method=DELETE", "a=1&_METHOD=delete", "_m%65thod=DELETE", "a=1;_method=DELETE", "X-HTTP-Method-Override=PUT",
+     "x_http_method=PATCH", "_HttpMethod=DELETE", "_method"],
+)
+async def test_a_method_override_in_the_query_string_gets_400(
+    gateway: Gateway, upstream: Upstream, query: str
+) -> None:
+    """Symfony, Laravel and Express method-override would run the named method on a POST judged as POST."""
+    token = (await gateway.create_token(access_level="editorial"))["token"]
+
+    status, reply = await send_raw(
+        gateway.proxy,
+        f"POST /api/posts?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Content-Length: 0\r\nConnection: close\r\n\r\n".encode(),
+    )
+
+    assert status == 400
+    assert b'"code": "method_override"' in reply
+    assert upstream.requests == []
+
+
+async def test_query_parameters_that_only_mention_a_method_are_forwarded(gateway: Gateway, upstream: Upstream) -> None:
+    token = (await gateway.create_token())["token"]
+    response = await gateway.call(token, "/api/payments?method=card&sort=method_name&payment_method=x")
+    assert response.status == 200
+    assert upstream.last["raw_path"] == "/api/payments?method=card&sort=method_name&payment_method=x"
