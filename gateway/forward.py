@@ -228,11 +228,13 @@ class UpstreamForwarder:
 
     async def forward(self, request: HttpRequest, head: bytes, *, max_body: int) -> None:
         guard: _BodyGuard | None = None
-        body: AsyncIterator[bytes] | None = None
+        body: AsyncIterator[bytes] | bytes | None = None
         if request.body is not None:
             guard = _BodyGuard(request.body, limit=max_body, timeout=self._body_timeout)
             body = guard.chunks()
-        length = request.content_length if body is not None else None
+        elif request.content_length == 0:
+            body = b""  # sent as `Content-Length: 0`: some upstreams answer a POST without it with 411
+        length = request.content_length if guard is not None else None
         try:
             upstream = await self._pool.request(
                 request.method,
@@ -240,7 +242,7 @@ class UpstreamForwarder:
                 head,
                 body,
                 content_length=length,
-                chunked=body is not None and length is None,
+                chunked=guard is not None and length is None,
             )
         except GatewayError:
             raise  # the client's body was refused while it streamed upstream

@@ -185,7 +185,7 @@ class HttpRequest:
         content_length: int | None = None,
     ) -> None:
         self._conn = conn
-        self.content_length = content_length  # the declared body length; None when chunked or no body
+        self.content_length = content_length  # the declared Content-Length; None when chunked or absent
         self.method = method
         self.target = target
         self.version = version
@@ -362,16 +362,19 @@ class HttpConnection(asyncio.Protocol):
         self._update_reading()
 
     def eof_received(self) -> bool | None:
-        """The client stopped sending: answer what it asked (it may still read), then close."""
-        self.closing = True
+        """The client stopped sending: answer every complete request it sent (it may still read), in order,
+        then close after the last one (the only answer that says so)."""
         if self._reading_body is not None:
             self._reading_body.fail(
                 GatewayError(400, "incomplete_body", "The connection ended before the request body did.")
             )
             self._reading_body = None
-        for request in self._pipeline:
-            request.keep_alive = False
-        return True if self._task is not None else None
+        self._head_started = False  # an unfinished head is never answered: nothing lingers for its rest
+        if self._pipeline:
+            self._pipeline[-1].keep_alive = False
+            return True
+        self.closing = True
+        return None
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -424,7 +427,7 @@ class HttpConnection(asyncio.Protocol):
         self._head_bytes = 0
         body = None
         version = parser.get_http_version()
-        has_body, length, expect, coding_ok = _body_framing(self._headers)
+        has_body, length, expect, coding_ok, hosts = _read_framing(self._headers)
         if has_body:
             body = self._reading_body = RequestBody(self, expect_continue=expect and version == "1.1")
         request = HttpRequest(
@@ -442,6 +445,11 @@ class HttpConnection(asyncio.Protocol):
                 501, "unsupported_transfer_coding", "Only the chunked transfer coding is supported."
             )
             request.keep_alive = False
+        elif hosts != 1 and (hosts or version != "1.0"):
+            # RFC 9112 3.2: exactly one Host in HTTP/1.1 (HTTP/1.0 may omit it). Two would let the gateway and
+            # the upstream's routing, logging or URL building each pick a different one.
+            detail = "The request has more than one Host header." if hosts else "The request has no Host header."
+            request._error = GatewayError(400, "bad_request", detail)
         self._pipeline.append(request)
         if self._task is None:
             self._deadline = None
@@ -636,17 +644,21 @@ class HttpConnection(asyncio.Protocol):
         return self._task is not None
 
 
-def _body_framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None, bool, bool]:
-    """Whether the request has a body, its declared length, whether it asks for `100 Continue`, and whether
-    its transfer coding is one we can pass on (chunked alone: the body is forwarded de-chunked).
+def _read_framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None, bool, bool, int]:
+    """Whether the request has a body, its declared Content-Length (0 for an empty body, None if absent),
+    whether it asks for `100 Continue`, whether its transfer coding is one we can pass on (chunked alone: the
+    body is forwarded de-chunked), and how many Host headers it has.
 
     llhttp has already refused conflicting framing (both headers, differing lengths, a non-numeric length)."""
     has_body = expect = False
     coding_ok = True
     length = None
+    hosts = 0
     for name, value in headers:
         size = len(name)
-        if size == 14 and name.lower() == b"content-length":
+        if size == 4 and name.lower() == b"host":
+            hosts += 1
+        elif size == 14 and name.lower() == b"content-length":
             length = int(value)
             has_body = length > 0
         elif size == 17 and name.lower() == b"transfer-encoding":
@@ -654,7 +666,7 @@ def _body_framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None,
             coding_ok = coding_ok and value.strip().lower() == b"chunked"
         elif size == 6 and name.lower() == b"expect":
             expect = value.strip().lower() == b"100-continue"
-    return has_body, length if has_body else None, expect, coding_ok
+    return has_body, length, expect, coding_ok, hosts
 
 
 def _path_for_log(target: bytes) -> str:

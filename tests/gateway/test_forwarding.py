@@ -287,3 +287,29 @@ async def test_query_parameters_that_only_mention_a_method_are_forwarded(gateway
     response = await gateway.call(token, "/api/payments?method=card&sort=method_name&payment_method=x")
     assert response.status == 200
     assert upstream.last["raw_path"] == "/api/payments?method=card&sort=method_name&payment_method=x"
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+async def test_an_empty_body_declared_with_content_length_0_is_forwarded_so(
+    gateway: Gateway, upstream: Upstream, method: str
+) -> None:
+    """Some upstreams answer a POST without Content-Length with 411 Length Required."""
+    token = (await gateway.create_token())["token"]
+    request = (
+        f"{method} /api/posts/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    status, _ = await send_raw(gateway.proxy, request.encode())
+    assert status == 200
+    assert upstream.last["method"] == method
+    assert upstream.last["headers"]["Content-Length"] == "0"
+    assert "Transfer-Encoding" not in upstream.last["headers"]
+    assert upstream.last["body"] == ""
+
+
+async def test_a_request_without_body_framing_gets_none_upstream(gateway: Gateway, upstream: Upstream) -> None:
+    token = (await gateway.create_token())["token"]
+    request = f"DELETE /api/posts/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    status, _ = await send_raw(gateway.proxy, request.encode())
+    assert status == 200
+    assert "Content-Length" not in upstream.last["headers"] and "Transfer-Encoding" not in upstream.last["headers"]

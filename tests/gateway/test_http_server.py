@@ -404,3 +404,78 @@ async def test_transfer_codings_other_than_chunked_get_501(gateway: Gateway, con
     await client.send(_post("/sha256", token, "Transfer-Encoding: gzip, chunked\r\n") + b"0\r\n\r\n")
     status, _, body = await client.response()
     assert status == 501 and json.loads(body)["code"] == "unsupported_transfer_coding"
+
+
+@pytest.mark.parametrize(
+    ("head", "detail"),
+    [
+        ("GET /api/posts HTTP/1.1\r\n", "The request has no Host header."),
+        ("GET /api/posts HTTP/1.1\r\nHost: api\r\nHost: evil.example\r\n", "The request has more than one Host header."),
+        ("GET /api/posts HTTP/1.0\r\nHost: api\r\nhost: api\r\n", "The request has more than one Host header."),
+    ],
+    ids=["no Host", "two Host headers", "two Host headers in HTTP/1.0"],
+)
+async def test_a_request_without_exactly_one_host_gets_400(
+    gateway: Gateway, upstream: Upstream, connect: object, head: str, detail: str
+) -> None:
+    """RFC 9112 3.2; the request is answered on its own and the connection stays usable."""
+    token = (await gateway.create_token())["token"]
+    client = await connect()  # type: ignore[operator]
+    await client.send(f"{head}Authorization: Bearer {token}\r\nConnection: keep-alive\r\n\r\n".encode() + _get("/next", token))
+    status, headers, body = await client.response()
+    assert status == 400 and headers["content-type"] == "application/problem+json"
+    assert (json.loads(body)["code"], json.loads(body)["detail"]) == ("bad_request", detail)
+    status, _, body = await client.response()
+    assert status == 200 and [seen["raw_path"] for seen in upstream.requests] == ["/next"]
+
+
+async def test_http_1_0_without_host_is_forwarded_with_the_upstream_host(
+    gateway: Gateway, upstream: Upstream, connect: object
+) -> None:
+    """RFC 9112 lets an HTTP/1.0 client omit Host; the upstream gets the gateway's Host either way."""
+    token = (await gateway.create_token())["token"]
+    client = await connect()  # type: ignore[operator]
+    await client.send(f"GET /old HTTP/1.0\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    status, _, _ = await client.response()
+    assert status == 200
+    assert upstream.last["headers"]["Host"] == upstream.url.removeprefix("http://")
+    assert "X-Forwarded-Host" not in upstream.last["headers"]
+
+
+async def test_pipelined_requests_then_a_half_close_are_all_answered_in_order(
+    gateway: Gateway, connect: object
+) -> None:
+    """A client may send its requests, shut its sending side and read: every complete request is answered,
+    only the last answer says the connection closes, and then it does."""
+    token = (await gateway.create_token())["token"]
+    client = await connect()  # type: ignore[operator]
+    await client.send(
+        _get("/first", token)
+        + f"POST /second HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\nContent-Length: 3\r\n\r\nabc".encode()
+        + _get("/third", "wrong")
+        + _get("/fourth", token)
+    )
+    client.writer.write_eof()
+    answers = [await client.response() for _ in range(4)]
+    assert [status for status, _, _ in answers] == [200, 200, 401, 200]
+    assert [json.loads(body).get("raw_path") for _, _, body in answers] == ["/first", "/second", None, "/fourth"]
+    assert [headers.get("connection") for _, headers, _ in answers] == [None, None, None, "close"]
+    assert await client.closed_by_server()
+
+
+async def test_a_half_close_inside_a_pipelined_body_answers_the_complete_requests_first(
+    gateway: Gateway, connect: object
+) -> None:
+    token = (await gateway.create_token())["token"]
+    client = await connect()  # type: ignore[operator]
+    await client.send(
+        _get("/first", token)
+        + f"POST /cut HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\nContent-Length: 10\r\n\r\nabc".encode()
+    )
+    client.writer.write_eof()
+    status, _, body = await client.response()
+    assert status == 200 and json.loads(body)["raw_path"] == "/first"
+    status, headers, body = await client.response()
+    assert status == 400 and json.loads(body)["code"] == "incomplete_body"
+    assert headers["connection"] == "close"
+    assert await client.closed_by_server()
