@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
 import netaddr
 
 from gateway.ranges import compile_ranges
+
+_IPV4_WITH_PORT = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3}):[0-9]{1,5}")
+_BRACKETED_WITH_PORT = re.compile(r"\[([^\[\]]*)\]:[0-9]{1,5}")
 
 
 class ClientAddress(NamedTuple):
@@ -33,11 +37,14 @@ class ClientAddress(NamedTuple):
 
 @functools.lru_cache(maxsize=16384)
 def parse_address(text: str) -> ClientAddress | None:
-    """An address with any IPv6 zone and brackets removed and IPv4-mapped IPv6 turned into IPv4.
+    """An address with any IPv6 zone and a pair of brackets removed and IPv4-mapped IPv6 turned into IPv4.
 
     Cached: a connection's peer, and a proxy's clients, come back request after request.
     """
-    text = text.strip().strip("[]").partition("%")[0]
+    text = text.strip()
+    if text[:1] == "[" and text[-1:] == "]":
+        text = text[1:-1]
+    text = text.partition("%")[0]
     if not text or len(text) > 45:
         return None
     try:
@@ -49,8 +56,22 @@ def parse_address(text: str) -> ClientAddress | None:
     return ClientAddress(address.version, int(address), str(address))
 
 
+def parse_forwarded_hop(text: str) -> ClientAddress | None:
+    """One `X-Forwarded-For` element: an address, with a port removed where that is unambiguous (Azure and
+    some load balancers write `192.0.2.1:5060` or `[2001:db8::1]:443`). None for anything else."""
+    text = text.strip()
+    if match := _IPV4_WITH_PORT.fullmatch(text) or _BRACKETED_WITH_PORT.fullmatch(text):
+        text = match[1]
+    return parse_address(text)
+
+
 class ClientIpResolver:
-    """Believes `X-Forwarded-For` only from `trusted_proxies`, walking it right to left past trusted hops."""
+    """Believes `X-Forwarded-For` only from `trusted_proxies`, walking it right to left past trusted hops.
+
+    A hop that cannot be read fails closed: the client address is unknown (None), which no allowed range
+    matches. Taking the last readable hop instead would name the trusted proxy itself as the client, and a
+    token limited to the proxies' network would then accept anyone behind them.
+    """
 
     def __init__(self, trusted_proxies: Iterable[str] = ()) -> None:
         self._trusted = compile_ranges(trusted_proxies)
@@ -67,13 +88,14 @@ class ClientIpResolver:
             return address, False
         return self._walk_forwarded_for(address, forwarded_for), True
 
-    def _walk_forwarded_for(self, client: ClientAddress, forwarded_for: Iterable[str]) -> ClientAddress:
+    def _walk_forwarded_for(self, client: ClientAddress, forwarded_for: Iterable[str]) -> ClientAddress | None:
         hops = [hop for header in forwarded_for for hop in header.split(",")]
         for hop in reversed(hops):
-            address = parse_address(hop)
+            if not hop.strip():
+                continue  # RFC 9110 5.6.1: empty list elements are ignored
+            address = parse_forwarded_hop(hop)
             if address is None:
-                # Garbage in the chain: the last hop we could read is the most we can vouch for.
-                return client
+                return None
             client = address
             if not self.is_trusted(address):
                 return address

@@ -16,7 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from gateway.access_levels import normalize_path
-from gateway.client_ip import ClientAddress, ClientIpResolver, parse_address
+from gateway.client_ip import ClientAddress, ClientIpResolver, parse_address, parse_forwarded_hop
 from gateway.credentials import MAX_AUTHORIZATION_LENGTH, presented_token
 from gateway.problems import GatewayError
 from gateway.ranges import RangeError, compile_ranges, normalize_range
@@ -190,7 +190,7 @@ def test_client_ip_resolution_never_raises_and_gives_an_address_or_none(
     assert isinstance(trusted, bool)
     if address is not None:
         assert not netaddr.IPAddress(address.value, address.version).is_ipv4_mapped(), address
-    hops = [parse_address(hop) for header in chain for hop in header.split(",")]
+    hops = [parse_forwarded_hop(hop) for header in chain for hop in header.split(",")]
     assert address is None or address == parse_address(peer or "") or address in hops
 
 
@@ -206,11 +206,26 @@ def test_forwarded_for_from_an_untrusted_peer_changes_nothing(peer: str, chain: 
 
 @PROPERTY
 @given(st.sampled_from(["10.0.0.1", "::ffff:10.0.0.1", "[fd00::1]", "fd00::1%eth0"]), forwarded_for)
-def test_a_trusted_peer_gives_the_peer_or_a_hop_it_forwarded(peer: str, chain: list[str]) -> None:
-    address, trusted = ClientIpResolver(TRUSTED_PROXIES).resolve(peer, chain)
+def test_a_trusted_peer_gives_the_peer_a_hop_it_forwarded_or_none_never_a_proxy_past_garbage(
+    peer: str, chain: list[str]
+) -> None:
+    resolver = ClientIpResolver(TRUSTED_PROXIES)
+
+    address, trusted = resolver.resolve(peer, chain)
 
     assert trusted is True
-    assert address is not None
+    hops = [hop for header in chain for hop in header.split(",") if hop.strip()]
+    readable = []
+    for hop in reversed(hops):
+        parsed = parse_forwarded_hop(hop)
+        if parsed is None:
+            # Unreadable before any untrusted hop: the client is unknown, never the proxy that passed it on.
+            assert address is None
+            return
+        readable.append(parsed)
+        if not resolver.is_trusted(parsed):
+            break
+    assert address == (readable[-1] if readable else parse_address(peer))
 
 
 def test_no_trusted_proxies_means_forwarded_for_is_never_believed() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.proxy_app import create_proxy_app
@@ -68,12 +69,54 @@ async def test_forwarded_for_from_a_trusted_proxy_gives_the_client_address(
     assert refused.status == 403
 
 
-async def test_forwarded_for_with_garbage_stops_at_the_last_readable_hop(start_gateway: GatewayFactory) -> None:
+async def test_garbage_beyond_the_first_untrusted_hop_changes_nothing(start_gateway: GatewayFactory) -> None:
     gateway = await start_gateway(trusted_proxies="127.0.0.1")
     token = (await gateway.create_token(allowed_ip_ranges=["203.0.113.0/24"]))["token"]
     assert (await gateway.call(token, headers={"X-Forwarded-For": "not-an-ip, 203.0.113.9"})).status == 200
-    refused = await gateway.call(token, headers={"X-Forwarded-For": "203.0.113.9, not-an-ip"})
-    assert refused.status == 403
+
+
+@pytest.mark.parametrize(
+    ("forwarded_for", "client"),
+    [
+        ("203.0.113.9:5060", "203.0.113.9"),
+        ("198.51.100.1, 203.0.113.9:443", "203.0.113.9"),
+        ("[2001:db8::9]:443", "2001:db8::9"),
+        ("203.0.113.9, , ", "203.0.113.9"),
+    ],
+)
+async def test_a_hop_with_a_port_or_empty_elements_gives_the_client_behind_the_proxy(
+    start_gateway: GatewayFactory, forwarded_for: str, client: str
+) -> None:
+    gateway = await start_gateway(trusted_proxies="127.0.0.0/8")
+    proxies_only = (await gateway.create_token(allowed_ip_ranges=["127.0.0.0/8"]))["token"]
+    clients_only = (await gateway.create_token(allowed_ip_ranges=[client]))["token"]
+
+    refused = await gateway.call(proxies_only, headers={"X-Forwarded-For": forwarded_for})
+    allowed = await gateway.call(clients_only, headers={"X-Forwarded-For": forwarded_for})
+
+    assert (refused.status, await _forbidden_code(refused)) == (403, "ip_not_allowed")
+    assert client in (await refused.json())["detail"]
+    assert allowed.status == 200
+
+
+@pytest.mark.parametrize(
+    "forwarded_for", ["203.0.113.9, ::1]", "203.0.113.9, [::1", "garbage", "203.0.113.9:", "unknown", "1.2.3.4:80:90"]
+)
+async def test_an_unreadable_hop_from_a_trusted_proxy_matches_no_range(
+    start_gateway: GatewayFactory, upstream: Upstream, forwarded_for: str
+) -> None:
+    """The last readable hop would be the trusted proxy itself: a token limited to the proxies' network must
+    not accept whoever is behind them. The address is unknown; a token without ranges still works."""
+    gateway = await start_gateway(trusted_proxies="127.0.0.0/8, ::1")
+    proxies_only = (await gateway.create_token(allowed_ip_ranges=["127.0.0.0/8", "::1"]))["token"]
+    anywhere = (await gateway.create_token(allowed_ip_ranges=[]))["token"]
+
+    refused = await gateway.call(proxies_only, headers={"X-Forwarded-For": forwarded_for})
+    allowed = await gateway.call(anywhere, headers={"X-Forwarded-For": forwarded_for})
+
+    assert (refused.status, await _forbidden_code(refused)) == (403, "ip_not_allowed")
+    assert allowed.status == 200
+    assert len(upstream.requests) == 1
 
 
 async def test_ipv6_and_mapped_addresses_in_forwarded_for(start_gateway: GatewayFactory) -> None:
