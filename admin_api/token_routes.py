@@ -29,7 +29,7 @@ from gateway.core import core_key
 from gateway.problems import GatewayError, bad_request
 from gateway.store import InvalidCursor, TokenNotFound
 from gateway.token_format import ID_PATTERN, issue_token, new_token_id
-from gateway.tokens import AuditEvent, TokenRecord, TokenStatus, format_time, utc_now
+from gateway.tokens import AuditEvent, TokenRecord, TokenStatus, format_time
 
 routes = web.RouteTableDef()
 
@@ -54,7 +54,9 @@ def _actor(request: web.Request) -> str:
 
 
 def _event(request: web.Request, action: str, token_id: str, **details: Any) -> AuditEvent:
-    return AuditEvent(action=action, actor=_actor(request), token_id=token_id, details=details)
+    return AuditEvent(
+        action=action, actor=_actor(request), token_id=token_id, details=details, at=request.app[core_key].clock()
+    )
 
 
 def _audit_value(value: Any) -> Any:
@@ -75,11 +77,11 @@ async def create_token(request: web.Request) -> web.Response:
     name = parse_name(body["name"])
     access_level = parse_access_level(body["access_level"], core.settings.access_levels)
     ranges = parse_ip_ranges(body.get("allowed_ip_ranges", []))
-    expires_at = parse_expires_at(body.get("expires_at"))
+    now = core.clock()
+    expires_at = parse_expires_at(body.get("expires_at"), now=now)
 
     token_id = new_token_id()
     token = issue_token(core.settings.token_prefix, token_id)
-    now = utc_now()
     record = TokenRecord(
         id=token_id,
         name=name,
@@ -174,7 +176,7 @@ async def edit_token(request: web.Request) -> web.Response:
     if "allowed_ip_ranges" in body:
         wanted["allowed_ip_ranges"] = parse_ip_ranges(body["allowed_ip_ranges"])
     if "expires_at" in body:
-        wanted["expires_at"] = parse_expires_at(body["expires_at"])
+        wanted["expires_at"] = parse_expires_at(body["expires_at"], now=core.clock())
 
     def edit(current: TokenRecord) -> tuple[TokenRecord, AuditEvent]:
         changes = {
@@ -185,7 +187,7 @@ async def edit_token(request: web.Request) -> web.Response:
         if not changes:
             raise _Unchanged(current)
         changed = dataclasses.replace(
-            current, **{field: wanted[field] for field in changes}, updated_at=utc_now(), version=current.version + 1
+            current, **{field: wanted[field] for field in changes}, updated_at=core.clock(), version=current.version + 1
         )
         return changed, _event(request, "token.edit", current.id, changes=changes)
 
@@ -203,7 +205,7 @@ async def rotate_token(request: web.Request) -> web.Response:
     secret_hash = await core.hasher.hash(token.secret)
 
     def rotate(current: TokenRecord) -> tuple[TokenRecord, AuditEvent]:
-        now = utc_now()
+        now = core.clock()
         changed = dataclasses.replace(
             current,
             secret_hash=secret_hash,
@@ -226,7 +228,8 @@ def _set_status(status: TokenStatus, action: str) -> Any:
         def change(current: TokenRecord) -> tuple[TokenRecord, AuditEvent]:
             if current.status is status:
                 raise _Unchanged(current)
-            changed = dataclasses.replace(current, status=status, updated_at=utc_now(), version=current.version + 1)
+            now = request.app[core_key].clock()
+            changed = dataclasses.replace(current, status=status, updated_at=now, version=current.version + 1)
             return changed, _event(request, action, current.id)
 
         record = await _change_or_keep(request, change)

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from gateway.problems import bad_request
 from gateway.ranges import MAX_RANGES, RangeError, normalize_ranges
-from gateway.tokens import TokenStatus, parse_rfc3339, utc_now
+from gateway.tokens import TokenStatus, parse_rfc3339
 
 NAME_MAX_LENGTH = 100
 # Controls (C0, DEL and C1, whose CSI can drive a terminal), the Unicode line and paragraph separators, and
@@ -78,7 +78,7 @@ def parse_ip_ranges(value: Any) -> tuple[str, ...]:
         raise bad_request("allowed_ip_ranges", f"{error}.", "invalid_ip_range") from None
 
 
-def parse_expires_at(value: Any) -> datetime | None:
+def parse_expires_at(value: Any, *, now: datetime) -> datetime | None:
     if value is None:
         return None
     try:
@@ -87,7 +87,7 @@ def parse_expires_at(value: Any) -> datetime | None:
         moment = parse_rfc3339(value)
     except ValueError as error:
         raise bad_request("expires_at", f"expires_at {error}.", "invalid_expires_at") from None
-    if moment <= utc_now():
+    if moment <= now:
         raise bad_request("expires_at", "expires_at must be in the future.", "invalid_expires_at")
     return moment
 

@@ -7,9 +7,10 @@ store) and changes travel through Redis to every process.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 
 import redis.asyncio as redis
 from aiohttp import web
@@ -22,6 +23,7 @@ from gateway.settings import Settings
 from gateway.store import SQLiteStore, TokenStore
 from gateway.token_cache import TokenCache
 from gateway.token_changes import LocalTokenChanges, RedisTokenChanges, TokenChanges
+from gateway.tokens import utc_now
 from gateway.usage import UsageDrainer, UsageRecorder
 
 
@@ -46,19 +48,22 @@ class Core:
     client_ips: ClientIpResolver
     changes: TokenChanges
     shared: SharedCache | None = None
+    # The wall clock the admin API stamps changes with (creation, rotation grace, expiry checks); a test
+    # sets it to another moment to see grace and expiry end through the proxy without waiting.
+    clock: Callable[[], datetime] = utc_now
 
 
 core_key = web.AppKey("core", Core)
 
 
 @asynccontextmanager
-async def open_core(settings: Settings) -> AsyncIterator[Core]:
+async def open_core(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -> AsyncIterator[Core]:
     store = SQLiteStore(settings.database_path, record_changes=settings.redis_url is not None)
     await store.open()
     hasher = SecretHasher(settings.argon2)
     client = connect(settings.redis_url.reveal()) if settings.redis_url is not None else None
     try:
-        yield _assemble(settings, store, hasher, client)
+        yield _assemble(settings, store, hasher, client, clock)
     finally:
         if client is not None:
             await client.aclose()
@@ -66,7 +71,13 @@ async def open_core(settings: Settings) -> AsyncIterator[Core]:
         await store.close()
 
 
-def _assemble(settings: Settings, store: SQLiteStore, hasher: SecretHasher, client: redis.Redis | None) -> Core:
+def _assemble(
+    settings: Settings,
+    store: SQLiteStore,
+    hasher: SecretHasher,
+    client: redis.Redis | None,
+    clock: Callable[[], datetime],
+) -> Core:
     cache_options = {"max_entries": settings.cache_max_entries, "negative_ttl": settings.negative_cache_ttl}
     client_ips = ClientIpResolver(settings.trusted_proxies)
     if client is None:
@@ -79,6 +90,7 @@ def _assemble(settings: Settings, store: SQLiteStore, hasher: SecretHasher, clie
             usage=UsageRecorder(store, interval=settings.usage_flush_interval),
             client_ips=client_ips,
             changes=LocalTokenChanges(tokens),
+            clock=clock,
         )
     shared_tokens = RedisTokens(
         client, store, key_prefix=settings.redis_key_prefix, entry_ttl=settings.redis_entry_ttl
@@ -101,4 +113,5 @@ def _assemble(settings: Settings, store: SQLiteStore, hasher: SecretHasher, clie
             changes=changes,
             usage_drainer=UsageDrainer(usage, store, interval=settings.usage_flush_interval),
         ),
+        clock=clock,
     )

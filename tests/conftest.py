@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,8 @@ class Upstream:
 
     server: TestServer
     requests: list[dict[str, Any]] = field(default_factory=list)
+    held: asyncio.Event = field(default_factory=asyncio.Event)  # a request to /held has arrived
+    release: asyncio.Event = field(default_factory=asyncio.Event)  # ... and is answered once this is set
 
     @property
     def url(self) -> str:
@@ -97,11 +101,18 @@ def _upstream_app(upstream_state: list[Upstream]) -> web.Application:
         await asyncio.sleep(float(request.query.get("seconds", "5")))
         return web.json_response({"slow": True})
 
+    async def held(request: web.Request) -> web.Response:
+        await record(request)
+        upstream_state[0].held.set()
+        await upstream_state[0].release.wait()
+        return web.json_response({"held": True})
+
     app = web.Application(client_max_size=1024**3)
     app.router.add_route("*", "/sha256", sha256)
     app.router.add_get("/download", download)
     app.router.add_route("*", "/status/{code:\\d+}", status)
     app.router.add_get("/slow", slow)
+    app.router.add_get("/held", held)
     app.router.add_route("*", "/{path:.*}", echo)
     return app
 
@@ -128,7 +139,8 @@ def redis_url(redis_server: RedisServer) -> str:
 @pytest.fixture
 async def upstream(aiohttp_server: AiohttpServer) -> Upstream:
     state: list[Upstream] = []
-    server = await aiohttp_server(_upstream_app(state))
+    # The gateway adds a space after each comma of a forwarded chain: room for 1000 hops in one header.
+    server = await aiohttp_server(_upstream_app(state), max_field_size=16384)
     state.append(Upstream(server))
     return state[0]
 
@@ -171,11 +183,28 @@ class GatedStore(SQLiteStore):
         return record
 
 
+class SettableClock:
+    """The admin plane's wall clock, set by the test: it starts at the real time and moves only when told."""
+
+    def __init__(self, now: datetime | None = None) -> None:
+        self.now = now or datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
 class ProxyTestServer(TestServer):
     """Serves the proxy plane the way `gateway proxy` does: its Application's lifecycle, http_server's port."""
 
+    def __init__(self, app: web.Application, *, access_log: logging.Logger | None = None, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._access_log = access_log
+
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
-        return HttpRunner(self.app, **kwargs)
+        return HttpRunner(self.app, access_log=self._access_log, **kwargs)
 
 
 @dataclass
@@ -230,14 +259,23 @@ async def start_gateway(
     """Starts a gateway on the test's SQLite file; call it again after closing one to 'restart'."""
     started: list[Gateway] = []
 
-    async def start(planes: tuple[str, ...] = ("proxy", "admin"), **overrides: Any) -> Gateway:
-        """`planes` picks what this 'process' runs, as `gateway proxy` or `gateway admin` would."""
+    async def start(
+        planes: tuple[str, ...] = ("proxy", "admin"), clock: SettableClock | None = None, **overrides: Any
+    ) -> Gateway:
+        """`planes` picks what this 'process' runs, as `gateway proxy` or `gateway admin` would; `clock`
+        replaces the admin plane's wall clock."""
         settings = make_settings(**overrides)
-        context = open_core(settings)
+        context = open_core(settings) if clock is None else open_core(settings, clock=clock)
         core = await context.__aenter__()
         authenticator = AdminAuthenticator(core.store, core.hasher, prefix=settings.token_prefix)
         await authenticator.bootstrap(settings.admin_key)
-        proxy = await aiohttp_client(ProxyTestServer(create_proxy_app(core))) if "proxy" in planes else None
+        # The access log is on, as it is by default, so tests that look for leaks read its lines too.
+        access_log = logging.getLogger("gateway.access")
+        proxy = (
+            await aiohttp_client(ProxyTestServer(create_proxy_app(core), access_log=access_log))
+            if "proxy" in planes
+            else None
+        )
         admin = await aiohttp_client(create_admin_app(core, authenticator)) if "admin" in planes else None
         started.append(Gateway(core, proxy, admin, settings.database_path, context))  # type: ignore[arg-type]
         if core.shared is not None and proxy is not None:
