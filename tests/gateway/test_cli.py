@@ -149,9 +149,20 @@ async def test_first_start_prints_a_generated_admin_key_once_and_it_keeps_workin
     assert "gwadm_" not in await _stderr_until_exit(second)
 
 
+async def _proxy_refuses_connections(url: str) -> bool:
+    host, _, port = url.removeprefix("http://").partition(":")
+    try:
+        _, writer = await asyncio.open_connection(host, int(port))
+    except OSError:
+        return True
+    writer.close()
+    return False
+
+
 async def test_sigterm_drains_in_flight_requests_then_exits_0(serve: Serve, upstream: Upstream) -> None:
     admin_key = "cli-test-admin-key-0123456789"
     process = await serve(upstream.url, GATEWAY_ADMIN_KEY=admin_key)
+    assert process.stderr is not None
     async with aiohttp.ClientSession() as session:
         async with session.post(
             f"{process.admin_url}/v1/tokens",  # type: ignore[attr-defined]
@@ -160,20 +171,34 @@ async def test_sigterm_drains_in_flight_requests_then_exits_0(serve: Serve, upst
         ) as response:
             token = (await response.json())["token"]
         in_flight = asyncio.ensure_future(
-            session.get(f"{process.proxy_url}/slow?seconds=1", headers={"Authorization": f"Bearer {token}"})  # type: ignore[attr-defined]
+            session.get(f"{process.proxy_url}/held", headers={"Authorization": f"Bearer {token}"})  # type: ignore[attr-defined]
         )
-        while not any(request["raw_path"].startswith("/slow") for request in upstream.requests):
-            await asyncio.sleep(0.02)
-            if in_flight.done():
-                break
+        await asyncio.wait_for(upstream.held.wait(), timeout=10)  # the request is at the upstream, unanswered
+
         process.send_signal(signal.SIGTERM)
-        response = await in_flight
+        output = b""
+        while b"stopping: draining" not in output:
+            line = await asyncio.wait_for(process.stderr.readline(), timeout=10)
+            assert line, output.decode()
+            output += line
+        for _ in range(500):  # the proxy stops listening: the drain has begun
+            if await _proxy_refuses_connections(process.proxy_url):  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the proxy kept listening after SIGTERM")
+        assert not in_flight.done()
+        assert process.returncode is None
+        upstream.release.set()
+
+        response = await asyncio.wait_for(in_flight, timeout=10)
         assert response.status == 200
-        assert await response.json() == {"slow": True}
-    output = await _stderr_until_exit(process)
+        assert await response.json() == {"held": True}
+    output += (await _stderr_until_exit(process)).encode()
     assert await process.wait() == 0
-    assert "stopped" in output
-    assert admin_key not in output and token not in output
+    assert b"stopped" in output
+    assert [request["raw_path"] for request in upstream.requests] == ["/held"]
+    assert admin_key.encode() not in output and token.encode() not in output
 
 
 @pytest.mark.parametrize("command", ["proxy", "admin"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
 import string
 
 import netaddr
@@ -21,7 +22,7 @@ from gateway.credentials import MAX_AUTHORIZATION_LENGTH, presented_token
 from gateway.problems import GatewayError
 from gateway.ranges import RangeError, compile_ranges, normalize_range
 from gateway.token_format import ID_PATTERN, PREFIX_PATTERN, TokenString, issue_token, parse_token
-from tests.conftest import Gateway, Upstream, send_raw
+from tests.conftest import Gateway, GatewayFactory, Upstream, send_raw
 
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 PREFIX = "gw"
@@ -406,3 +407,72 @@ async def test_undecodable_header_bytes_are_refused_or_forwarded_unaltered(
     assert 400 <= status < 500 or (status == 200 and upstream.last["headers"]["X-Signed"] == "a\udcffb"), (
         reply
     )
+
+
+async def _through_a_trusted_proxy(
+    start_gateway: GatewayFactory, allowed: list[str], *lines: str | bytes
+) -> tuple[int, bytes, Gateway]:
+    """A valid token limited to `allowed`, sent from 127.0.0.1 configured as a trusted proxy: the resolver
+    reads the chain, and the token's ranges show which address it settled on."""
+    gateway = await start_gateway(trusted_proxies=["127.0.0.1/32", "::1/128", "10.0.0.0/8"])
+    token = (await gateway.create_token(allowed_ip_ranges=allowed))["token"]
+    status, reply = await send_raw(gateway.proxy, _request(f"Authorization: Bearer {token}", *lines))
+    return status, reply, gateway
+
+
+GARBAGE_CHAIN = "X-Forwarded-For: 10.0.0.1, [::1%eth0], ::ffff:1.2.3.4, garbage, , %, 999.1.1.1"
+
+
+@pytest.mark.parametrize(
+    ("chain", "client"),
+    [
+        # Unreadable last hop: the trusted peer is the most the gateway can vouch for.
+        (GARBAGE_CHAIN, "127.0.0.1"),
+        # Garbage further left is never reached: the first untrusted hop from the right is the client.
+        ("X-Forwarded-For: 203.0.113.9, garbage, %, ::ffff:1.2.3.4", "1.2.3.4"),
+        # A trusted hop with a zone and brackets is walked past.
+        ("X-Forwarded-For: garbage, 198.51.100.7, [::1%eth0]", "198.51.100.7"),
+        ("X-Forwarded-For: 198.51.100.7, 127.0.0.1, [::ffff:127.0.0.1]", "198.51.100.7"),
+        # Every hop trusted: the leftmost one.
+        ("X-Forwarded-For: ::1, 127.0.0.1", "::1"),
+    ],
+)
+async def test_garbage_forwarded_for_from_a_trusted_proxy_resolves_to_the_right_hop(
+    start_gateway: GatewayFactory, upstream: Upstream, chain: str, client: str
+) -> None:
+    status, reply, _ = await _through_a_trusted_proxy(start_gateway, [client], chain)
+    assert status == 200, reply[:300]
+    assert len(upstream.requests) == 1
+
+    other = "192.0.2.1" if client != "192.0.2.1" else "192.0.2.2"
+    status, reply, _ = await _through_a_trusted_proxy(start_gateway, [other], chain)
+    assert status == 403, reply[:300]
+    body = json.loads(reply.partition(b"\r\n\r\n")[2])
+    assert body["code"] == "ip_not_allowed"
+    assert body["detail"] == f"This token may not be used from {client}."
+    assert len(upstream.requests) == 1
+
+
+async def test_forwarded_for_of_1000_hops_from_a_trusted_proxy_is_walked_to_its_client(
+    start_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    chain = "X-Forwarded-For: " + ",".join(["1.1.1.1"] * 999 + ["127.0.0.1"])
+    status, reply, _ = await _through_a_trusted_proxy(start_gateway, ["1.1.1.1/32"], chain)
+    assert status == 200, reply[:300]
+    forwarded = upstream.last["headers"]["X-Forwarded-For"].split(", ")
+    assert len(forwarded) == 1001 and forwarded[-2:] == ["127.0.0.1", "127.0.0.1"]
+
+    status, reply, _ = await _through_a_trusted_proxy(start_gateway, ["127.0.0.1/32"], chain)
+    assert status == 403 and b"This token may not be used from 1.1.1.1." in reply, reply[:300]
+
+
+async def test_forwarded_for_of_1000_trusted_hops_resolves_to_the_leftmost(
+    start_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    chain = "X-Forwarded-For: " + ",".join(["10.1.2.3"] + ["::1"] * 999)
+    status, reply, _ = await _through_a_trusted_proxy(start_gateway, ["10.1.2.3/32"], chain)
+    assert status == 200, reply[:300]
+    assert len(upstream.requests) == 1
+
+    status, reply, _ = await _through_a_trusted_proxy(start_gateway, ["::1/128"], chain)
+    assert status == 403 and b"This token may not be used from 10.1.2.3." in reply, reply[:300]

@@ -479,3 +479,43 @@ async def test_a_half_close_inside_a_pipelined_body_answers_the_complete_request
     assert status == 400 and json.loads(body)["code"] == "incomplete_body"
     assert headers["connection"] == "close"
     assert await client.closed_by_server()
+
+
+async def test_a_decision_allowed_for_one_method_is_not_reused_for_another_on_the_same_target(
+    gateway: Gateway, connect: object, upstream: Upstream
+) -> None:
+    """managing_editorial may GET /api/spaces/3 but not change it: each method on the target is judged."""
+    token = (await gateway.create_token(access_level="managing_editorial"))["token"]
+    client = await connect()  # type: ignore[operator]
+
+    async def ask(method: str) -> tuple[int, str]:
+        await client.send(
+            f"{method} /api/spaces/3 HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Length: 0\r\n\r\n".encode()
+        )
+        status, _, body = await client.response(head_only=method == "HEAD")
+        return status, json.loads(body).get("code", "") if status >= 400 and body else ""
+
+    seen = len(upstream.requests)
+    answers = []
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        answers.append((method, await ask("GET"), await ask(method)))
+    assert answers == [
+        (method, (200, ""), (403, "insufficient_access_level")) for method in ("POST", "PUT", "PATCH", "DELETE")
+    ]
+    assert [request["method"] for request in upstream.requests[seen:]] == ["GET"] * 4
+
+
+async def test_each_method_reaches_the_upstream_as_sent_on_a_reused_connection(
+    gateway: Gateway, connect: object, upstream: Upstream
+) -> None:
+    token = (await gateway.create_token(access_level="read_only"))["token"]
+    client = await connect()  # type: ignore[operator]
+    seen = len(upstream.requests)
+    statuses = []
+    for method in ("GET", "HEAD", "OPTIONS", "GET", "POST", "DELETE", "HEAD"):
+        await client.send(f"{method} /api/posts/1 HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+        statuses.append((await client.response(head_only=method == "HEAD"))[0])
+
+    assert statuses == [200, 200, 200, 200, 403, 403, 200]
+    assert [request["method"] for request in upstream.requests[seen:]] == ["GET", "HEAD", "OPTIONS", "GET", "HEAD"]
