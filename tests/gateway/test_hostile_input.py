@@ -426,8 +426,6 @@ GARBAGE_CHAIN = "X-Forwarded-For: 10.0.0.1, [::1%eth0], ::ffff:1.2.3.4, garbage,
 @pytest.mark.parametrize(
     ("chain", "client"),
     [
-        # Unreadable last hop: the trusted peer is the most the gateway can vouch for.
-        (GARBAGE_CHAIN, "127.0.0.1"),
         # Garbage further left is never reached: the first untrusted hop from the right is the client.
         ("X-Forwarded-For: 203.0.113.9, garbage, %, ::ffff:1.2.3.4", "1.2.3.4"),
         # A trusted hop with a zone and brackets is walked past.
@@ -450,6 +448,22 @@ async def test_garbage_forwarded_for_from_a_trusted_proxy_resolves_to_the_right_
     body = json.loads(reply.partition(b"\r\n\r\n")[2])
     assert body["code"] == "ip_not_allowed"
     assert body["detail"] == f"This token may not be used from {client}."
+    assert len(upstream.requests) == 1
+
+
+async def test_an_unreadable_hop_from_a_trusted_proxy_leaves_the_client_unknown(
+    start_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    """No range matches an unknown client, not even the proxy's own; a token without ranges still works."""
+    for allowed in (["127.0.0.1"], ["10.0.0.0/8", "::1", "1.2.3.4"]):
+        status, reply, _ = await _through_a_trusted_proxy(start_gateway, allowed, GARBAGE_CHAIN)
+        assert status == 403, reply[:300]
+        body = json.loads(reply.partition(b"\r\n\r\n")[2])
+        assert (body["code"], body["detail"]) == ("ip_not_allowed", "This token may not be used from this address.")
+    assert upstream.requests == []
+
+    status, reply, _ = await _through_a_trusted_proxy(start_gateway, [], GARBAGE_CHAIN)
+    assert status == 200, reply[:300]
     assert len(upstream.requests) == 1
 
 
