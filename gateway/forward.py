@@ -53,6 +53,10 @@ METHOD_OVERRIDE_HEADERS = frozenset({b"x-http-method-override", b"x-http-method"
 # The same overrides as query parameters (Symfony, Laravel, CakePHP and Express method-override read `_method`
 # from the query string), folded like header names after percent-decoding: refused, never forwarded.
 METHOD_OVERRIDE_PARAMETERS = METHOD_OVERRIDE_HEADERS | {b"-method", b"-httpmethod"}
+# The methods a POST body's `_method` could name that an access level is most likely to withhold: where an
+# upstream may take the method from the body (setting body_method_override), a POST with a body must be
+# allowed as each of them too.
+BODY_OVERRIDE_METHODS = ("PUT", "PATCH", "DELETE")
 # Headers IIS, Symfony, Zend/Laminas, nginx auth subrequests and Traefik read as the request's path: the
 # gateway judges the request target only.
 PATH_OVERRIDE_HEADERS = frozenset(

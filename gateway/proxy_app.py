@@ -22,6 +22,7 @@ from gateway.core import Core, core_key
 from gateway.credentials import presented_token
 from gateway.failure_limits import FailureLimits, source_key
 from gateway.forward import (
+    BODY_OVERRIDE_METHODS,
     UpstreamForwarder,
     body_too_large,
     gateway_headers,
@@ -86,6 +87,13 @@ class ProxyHandler:
             decision = seen.decision = self._decide(request, token, client_ip, seen.upstream_head)
         if request.content_length is not None and request.content_length > decision.max_body:
             raise body_too_large(decision.max_body)
+        if request.body is not None and not decision.body_allowed:
+            raise GatewayError(
+                403,
+                "insufficient_access_level",
+                f"The token's access level '{token.record.access_level}' does not allow a POST with a body on"
+                " this path: the upstream may run it as the PUT, PATCH or DELETE its body names.",
+            )
         self._usage.record(token_id, client_ip)
         await self._forwarder.forward(request, decision.upstream_head, max_body=decision.max_body)
 
@@ -100,8 +108,8 @@ class ProxyHandler:
                 403, "ip_not_allowed", f"This token may not be used from {client_ip or 'this address'}."
             )
         level = token.access_level
-        path = request.target.partition(b"?")[0].decode("utf-8", "surrogateescape")
-        if level is None or not level.permits(request.method, normalize_path(path)):
+        path = normalize_path(request.target.partition(b"?")[0].decode("utf-8", "surrogateescape"))
+        if level is None or not level.permits(request.method, path):
             raise GatewayError(
                 403,
                 "insufficient_access_level",
@@ -110,7 +118,12 @@ class ProxyHandler:
             )
         max_body = self._settings.max_body_bytes if level.max_body_bytes is None else level.max_body_bytes
         head = upstream_head + gateway_headers(token.record.id, token.record.access_level)
-        return _Decision(token, request.method, request.target, head, max_body)
+        body_allowed = (
+            request.method != "POST"
+            or not self._settings.body_method_override
+            or all(level.permits(method, path) for method in BODY_OVERRIDE_METHODS)
+        )
+        return _Decision(token, request.method, request.target, head, max_body, body_allowed)
 
     def _read_headers(self, request: HttpRequest) -> _SeenHeaders:
         authorization, forwarded_for = _credential_headers(request.headers)
@@ -143,13 +156,14 @@ class _SeenHeaders:
 
 class _Decision(NamedTuple):
     """A request allowed: by which cache entry, for which method and target; the head to send upstream (the
-    client's headers and the gateway's) and the body limit."""
+    client's headers and the gateway's), the body limit, and whether a body is allowed at all."""
 
     token: CachedToken
     method: str
     target: bytes
     upstream_head: bytes
     max_body: int
+    body_allowed: bool  # False for a POST whose body could name a method the level withholds
 
 
 async def _answer_health(request: HttpRequest, probe: HealthProbe) -> None:

@@ -88,6 +88,7 @@ class Settings:
     log_level: str
     access_log: bool
     proxy_health_path: str | None
+    body_method_override: bool
     argon2: Argon2Parameters
     access_levels: Mapping[str, AccessLevel] = field(repr=False)
 
@@ -309,6 +310,7 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "log_level": _as_log_level,
     "access_log": _as_bool,
     "proxy_health_path": _as_health_path,
+    "body_method_override": _as_bool,
     "argon2.time_cost": _as_int(1, 100),
     "argon2.memory_cost_kib": _as_int(8, 4 * 1024 * 1024),
     "argon2.parallelism": _as_int(1, 64),
@@ -428,6 +430,7 @@ def load_settings(
         log_level=values["log_level"],
         access_log=values["access_log"],
         proxy_health_path=values["proxy_health_path"],
+        body_method_override=values["body_method_override"],
         argon2=Argon2Parameters(
             time_cost=values["argon2.time_cost"],
             memory_cost_kib=values["argon2.memory_cost_kib"],

@@ -159,7 +159,7 @@ def make_settings(tmp_path: Path, upstream: Upstream) -> SettingsFactory:
             **FAST_ARGON2,
         }
         values.update(overrides)
-        return load_settings(environ={}, overrides=values)
+        return load_settings(config_path=values.pop("config_path", None), environ={}, overrides=values)
 
     return make
 

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -313,3 +314,43 @@ async def test_a_request_without_body_framing_gets_none_upstream(gateway: Gatewa
     status, _ = await send_raw(gateway.proxy, request.encode())
     assert status == 200
     assert "Content-Length" not in upstream.last["headers"] and "Transfer-Encoding" not in upstream.last["headers"]
+
+
+CREATE_ONLY = """
+[access_levels.create_only]
+allow = [{ methods = ["GET"], paths = ["/**"] }, { methods = ["POST"], paths = ["/api/posts"] }]
+"""
+
+
+@pytest.mark.parametrize("override", [True, False], ids=["body_method_override", "no body_method_override"])
+async def test_a_post_with_a_body_needs_the_methods_its_body_could_name_unless_the_upstream_ignores_them(
+    start_gateway: GatewayFactory, upstream: Upstream, tmp_path: Path, override: bool
+) -> None:
+    """Rails, Laravel and Symfony run `POST` with `_method=DELETE` in its body as DELETE; the body is not read."""
+    config = tmp_path / "levels.toml"
+    config.write_text(CREATE_ONLY)
+    gateway = await start_gateway(config_path=config, body_method_override=override)
+    token = (await gateway.create_token(access_level="create_only"))["token"]
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+
+    empty = await gateway.call(token, "/api/posts", method="POST", headers={"Content-Length": "0"})
+    with_body = await gateway.call(token, "/api/posts", method="POST", data=b"_method=DELETE", headers=form)
+
+    assert empty.status == 200
+    if override:
+        assert with_body.status == 403
+        assert (await with_body.json())["code"] == "insufficient_access_level"
+        assert "body" in (await with_body.json())["detail"]
+        assert len(upstream.requests) == 1
+    else:
+        assert with_body.status == 200
+        assert upstream.last["body"] == "_method=DELETE"
+
+
+async def test_the_shipped_levels_allow_a_post_with_a_body_where_they_allow_post(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    token = (await gateway.create_token(access_level="editorial"))["token"]
+    response = await gateway.call(token, "/api/posts", method="POST", data=b'{"title": "x"}')
+    assert response.status == 200
+    assert upstream.last["body"] == '{"title": "x"}'
