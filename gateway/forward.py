@@ -30,8 +30,9 @@ from gateway.upstream_client import (
 log = logging.getLogger(__name__)
 
 # Header names are compared folded: lower case, and every character other than a letter or a digit read as
-# `-`. WSGI and CGI servers (gunicorn, Werkzeug, PHP, Apache) turn `-` and `_` into the same environ key, so
-# `X_Forwarded_For` or `X_Gateway_Token_Id` would otherwise reach the upstream as the header we drop or own.
+# `-`. WSGI and CGI turn `-` and `_` into the same environ key (HTTP_X_GATEWAY_TOKEN_ID), so on a server that
+# passes underscore names on (wsgiref, gunicorn before 22, CGI and PHP behind some servers) `X_Forwarded_For`
+# or `X_Gateway_Token_Id` would otherwise reach the application as the header we drop or own.
 HEADER_NAME_FOLD = bytes.maketrans(
     bytes(range(256)),
     bytes(
