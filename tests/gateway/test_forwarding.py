@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pytest
 
@@ -354,3 +359,38 @@ async def test_the_shipped_levels_allow_a_post_with_a_body_where_they_allow_post
     response = await gateway.call(token, "/api/posts", method="POST", data=b'{"title": "x"}')
     assert response.status == 200
     assert upstream.last["body"] == '{"title": "x"}'
+
+
+async def test_a_wsgi_upstream_reads_only_the_gateway_s_own_headers(start_gateway: GatewayFactory) -> None:
+    """wsgiref, like CGI, gives `X_Gateway_Token_Id` and `X-Gateway-Token-Id` one environ key: a real WSGI
+    server behind the gateway sees the values the gateway set, none a client forged."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        seen = {key: value for key, value in environ.items() if key.startswith("HTTP_")}
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps(seen).encode()]
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = make_server("127.0.0.1", 0, app, handler_class=QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        gateway = await start_gateway(upstream=f"http://127.0.0.1:{server.server_port}")
+        created = await gateway.create_token(access_level="editorial")
+        forged = {
+            "X_Gateway_Token_Id": "forged", "X_Gateway_Access_Level": "administrative",
+            "X_Forwarded_For": "203.0.113.9", "X_HTTP_Method_Override": "DELETE", "X_Original_URL": "/admin",
+        }
+        response = await gateway.call(created["token"], headers=forged)
+        assert response.status == 200
+        environ = await response.json(content_type=None)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert environ["HTTP_X_GATEWAY_TOKEN_ID"] == created["id"]
+    assert environ["HTTP_X_GATEWAY_ACCESS_LEVEL"] == "editorial"
+    assert environ["HTTP_X_FORWARDED_FOR"] == "127.0.0.1"
+    assert "HTTP_X_HTTP_METHOD_OVERRIDE" not in environ and "HTTP_X_ORIGINAL_URL" not in environ
