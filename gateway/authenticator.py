@@ -3,7 +3,9 @@
 Unknown ids, wrong secrets and bad checksums all get the same `invalid_token`; only a caller holding the right
 secret learns that the token is disabled or expired. argon2 runs once per secret per process: afterwards the
 memo digest recognises the secret in about a microsecond. Wrong secrets are limited (failure_limits.py), but
-never before a known-good secret has been accepted.
+never before a known-good secret has been accepted. A secret the cached entry refuses is judged again against
+the store of record before it counts as wrong (TokenCache.recheck: one read per token per interval): after a
+lost change notification the entry may hold the secrets from before a rotation.
 
 The checksum turns away mistyped and forged strings before they can cost a store read. A string the memo
 already recognises was checked when it was first verified (the memo digest covers the id and the whole
@@ -13,6 +15,7 @@ secret, checksum included, and the prefix is compared), so it skips the checksum
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from typing import NamedTuple
 
@@ -27,6 +30,17 @@ from gateway.token_format import TokenString, checksum_matches, split_token
 class IdentifiedToken(NamedTuple):
     token: TokenString
     digest: bytes  # the memo digest of the secret: what the cache entry's memo is compared with
+
+
+class _Verdict(enum.Enum):
+    MATCH = "match"
+    WRONG = "wrong"  # argon2 said so just now: a failure, unless the store knows newer secrets
+    KNOWN_WRONG = "known wrong"  # already counted against these hashes
+    REVOKED = "revoked"  # a secret this token had and no longer accepts
+
+
+def store_unavailable() -> GatewayError:
+    return GatewayError(503, "store_unavailable", "The token store is not answering; try again shortly.")
 
 
 def _token_refused(code: str, detail: str) -> GatewayError:
@@ -79,48 +93,65 @@ class Authenticator:
             try:
                 entry = await self._cache.get(token.token_id)
             except Exception:
-                raise GatewayError(
-                    503, "store_unavailable", "The token store is not answering; try again shortly."
-                ) from None
+                raise store_unavailable() from None
             if entry is None:
                 raise invalid_token()
-            if await self._secret_matches(entry, token, digest, source):
+            verdict = await self._judge(entry, token, digest, source)
+            if verdict is _Verdict.MATCH:
                 break
-            if self._cache.peek(token.token_id) is entry:
-                raise invalid_token()
-            # The token changed while argon2 ran: judge the secret against the new version.
+            if self._cache.peek(token.token_id) is not entry:
+                continue  # the token changed while argon2 ran: judge the secret against the new version
+            if verdict is not _Verdict.REVOKED and await self._newer_in_store(entry, token, digest, source, verdict):
+                continue  # the cache missed a change (a lost notification): judge against the store's version
+            if verdict is _Verdict.WRONG:
+                self._limits.record_failure(source, token.token_id, digest, self._hashes(entry))
+            raise invalid_token()
         else:
             raise invalid_token()
         _check_usable(entry)
         return entry
+
+    async def _newer_in_store(
+        self, entry: CachedToken, token: TokenString, digest: bytes, source: str, verdict: _Verdict
+    ) -> bool:
+        """Whether the store of record holds other secrets for this token than `entry` (then cached); bounded
+        by the cache to one store read per token per interval, however many requests fail."""
+        try:
+            return await self._cache.recheck(entry) is not None
+        except Exception:
+            if verdict is _Verdict.WRONG:
+                self._limits.record_failure(source, token.token_id, digest, self._hashes(entry))
+            raise store_unavailable() from None
 
     def _memo_accepts(self, entry: CachedToken, digest: bytes) -> bool:
         return digests_equal(entry.memo_current, digest) or (
             digests_equal(entry.memo_previous, digest) and self._in_grace(entry)
         )
 
-    async def _secret_matches(
-        self, entry: CachedToken, token: TokenString, digest: bytes, source: str
-    ) -> bool:
+    def _hashes(self, entry: CachedToken) -> tuple[str, str | None]:
+        """The hashes a secret is judged against now: a failure is remembered against exactly these."""
+        return entry.record.secret_hash, entry.record.previous_secret_hash if self._in_grace(entry) else None
+
+    async def _judge(self, entry: CachedToken, token: TokenString, digest: bytes, source: str) -> _Verdict:
         if digests_equal(entry.memo_current, digest):
-            return True
+            return _Verdict.MATCH
         if digests_equal(entry.memo_previous, digest):
-            return self._in_grace(entry)
+            return _Verdict.MATCH if self._in_grace(entry) else _Verdict.REVOKED
         if any(digests_equal(revoked, digest) for revoked in entry.memo_revoked):
-            return False  # a secret this process saw verified before a rotation replaced it
-        hashes = (entry.record.secret_hash, entry.record.previous_secret_hash if self._in_grace(entry) else None)
-        if self._limits.known_wrong(digest, hashes):
-            return False
+            return _Verdict.REVOKED  # a secret this process saw verified before a rotation replaced it
+        if self._limits.known_wrong(digest, self._hashes(entry)):
+            return _Verdict.KNOWN_WRONG
         pending = entry.verifications.get(digest)
+        started = pending is None
         if pending is None:
             self._limits.check(source, token.token_id)
             pending = asyncio.ensure_future(self._verify(entry, token.secret, digest))
             entry.verifications[digest] = pending
             pending.add_done_callback(lambda _: entry.verifications.pop(digest, None))
-        matched = await asyncio.shield(pending)
-        if not matched:
-            self._limits.record_failure(source, token.token_id, digest, hashes)
-        return matched
+        if await asyncio.shield(pending):
+            return _Verdict.MATCH
+        # One verification, one failure: requests that waited for another's verification are not counted.
+        return _Verdict.WRONG if started else _Verdict.KNOWN_WRONG
 
     async def _verify(self, entry: CachedToken, secret: str, digest: bytes) -> bool:
         record = entry.record
@@ -131,6 +162,9 @@ class Authenticator:
             if await self._hasher.verify(record.previous_secret_hash, secret):
                 entry.memo_previous = digest
                 return self._in_grace(entry)
+        # Remembered at once, so a request arriving meanwhile costs no second argon2; it is counted as a
+        # failure only once the store of record agrees (authenticate).
+        self._limits.remember_wrong(digest, self._hashes(entry))
         return False
 
     @staticmethod

@@ -78,7 +78,11 @@ def _assemble(
     client: redis.Redis | None,
     clock: Callable[[], datetime],
 ) -> Core:
-    cache_options = {"max_entries": settings.cache_max_entries, "negative_ttl": settings.negative_cache_ttl}
+    cache_options = {
+        "max_entries": settings.cache_max_entries,
+        "negative_ttl": settings.negative_cache_ttl,
+        "recheck_interval": settings.token_recheck_interval,
+    }
     client_ips = ClientIpResolver(settings.trusted_proxies)
     if client is None:
         tokens = TokenCache(store, settings.access_levels, **cache_options)  # type: ignore[arg-type]
@@ -95,7 +99,9 @@ def _assemble(
     shared_tokens = RedisTokens(
         client, store, key_prefix=settings.redis_key_prefix, entry_ttl=settings.redis_entry_ttl
     )
-    tokens = TokenCache(shared_tokens, settings.access_levels, ttl=settings.cache_ttl, **cache_options)  # type: ignore[arg-type]
+    tokens = TokenCache(
+        shared_tokens, settings.access_levels, ttl=settings.cache_ttl, origin=store, **cache_options  # type: ignore[arg-type]
+    )
     usage = RedisUsage(client, key_prefix=settings.redis_key_prefix)
     changes = RedisTokenChanges(store, shared_tokens, local_cache=tokens)
     return Core(

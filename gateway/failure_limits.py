@@ -3,6 +3,9 @@
 Only attempts that would need argon2 are ever limited: a secret already known good (memo) is accepted first,
 and a secret already known wrong is refused without argon2. Sources that keep failing, per client address
 (an IPv6 /64 counts as one address) and per token id, get 429 with Retry-After for the rest of the window.
+A secret counts as wrong only once the store of record agrees with the cached entry that refused it
+(authenticator.py), so a stale entry cannot make a correct secret count against its address.
+The windows take a clock, so tests can move time instead of sleeping.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import functools
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import netaddr
 
@@ -32,28 +36,42 @@ def _ipv6_network_key(network: int) -> str:
     return f"{netaddr.IPAddress(network << 64, 6)}/64"
 
 
-class _Windows:
-    """Failure counts in fixed windows, bounded in size (oldest dropped first)."""
+Clock = Callable[[], float]
 
-    def __init__(self, limit: int, window: float, max_keys: int) -> None:
+
+def too_many_failures(seconds: float, detail: str) -> GatewayError:
+    """The 429 both planes answer, with the whole seconds left in the window as Retry-After (at least 1)."""
+    wait = max(1, math.ceil(seconds))
+    return GatewayError(429, "too_many_failures", f"{detail}; retry in {wait} s.", headers={"Retry-After": str(wait)})
+
+
+class FailureWindows:
+    """Failure counts per key in fixed windows (a window starts at a key's first failure), bounded in size:
+    the key failed least recently is dropped first."""
+
+    def __init__(self, limit: int, window: float, *, max_keys: int = 100_000, clock: Clock = time.monotonic) -> None:
         self.limit = limit
-        self._window = window
+        self.window = window
         self._max_keys = max_keys
+        self._clock = clock
         self._counts: OrderedDict[str, tuple[float, int]] = OrderedDict()
 
-    def retry_after(self, key: str, now: float) -> float | None:
+    def retry_after(self, key: str) -> float | None:
+        """Seconds until `key` may fail again, or None while it is under the limit."""
         entry = self._counts.get(key)
         if entry is None:
             return None
         started, count = entry
-        if now - started >= self._window:
+        now = self._clock()
+        if now - started >= self.window:
             del self._counts[key]
             return None
-        return started + self._window - now if count >= self.limit else None
+        return started + self.window - now if count >= self.limit else None
 
-    def add(self, key: str, now: float) -> None:
+    def add(self, key: str) -> None:
+        now = self._clock()
         started, count = self._counts.get(key, (now, 0))
-        if now - started >= self._window:
+        if now - started >= self.window:
             started, count = now, 0
         self._counts[key] = (started, count + 1)
         self._counts.move_to_end(key)
@@ -69,35 +87,35 @@ class FailureLimits:
         per_token: int = 100,
         window: float = 60.0,
         remembered_failures: int = 100_000,
+        clock: Clock = time.monotonic,
     ) -> None:
-        self._sources = _Windows(per_source, window, 100_000)
-        self._tokens = _Windows(per_token, window, 100_000)
+        self._sources = FailureWindows(per_source, window, clock=clock)
+        self._tokens = FailureWindows(per_token, window, clock=clock)
         self._failed: OrderedDict[bytes, tuple[str, str | None]] = OrderedDict()
         self._remembered = remembered_failures
         self.throttled = 0
 
     def check(self, source: str, token_id: str) -> None:
         """Raise 429 when this source or this token has failed too often in the current window."""
-        now = time.monotonic()
-        waits = [wait for wait in (self._sources.retry_after(source, now), self._tokens.retry_after(token_id, now)) if wait]
+        waits = [wait for wait in (self._sources.retry_after(source), self._tokens.retry_after(token_id)) if wait]
         if waits:
             self.throttled += 1
-            seconds = max(1, math.ceil(max(waits)))
-            raise GatewayError(
-                429,
-                "too_many_failures",
-                f"Too many wrong secrets from this address or for this token; retry in {seconds} s.",
-                headers={"Retry-After": str(seconds)},
-            )
+            raise too_many_failures(max(waits), "Too many wrong secrets from this address or for this token")
 
     def known_wrong(self, digest: bytes, hashes: tuple[str, str | None]) -> bool:
         """True if this exact secret already failed against these very hashes."""
         return self._failed.get(digest) == hashes
 
+    def remember_wrong(self, digest: bytes, hashes: tuple[str, str | None]) -> None:
+        """Remember that this secret failed against these hashes, without counting it (yet)."""
+        self._failed[digest] = hashes
+        self._failed.move_to_end(digest)
+        while len(self._failed) > self._remembered:
+            self._failed.popitem(last=False)
+
     def record_failure(self, source: str, token_id: str, digest: bytes, hashes: tuple[str, str | None]) -> None:
-        now = time.monotonic()
-        self._sources.add(source, now)
-        self._tokens.add(token_id, now)
+        self._sources.add(source)
+        self._tokens.add(token_id)
         self._failed[digest] = hashes
         self._failed.move_to_end(digest)
         while len(self._failed) > self._remembered:

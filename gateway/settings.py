@@ -82,6 +82,7 @@ class Settings:
     failure_limit_per_source: int
     failure_limit_per_token: int
     failure_window: float
+    token_recheck_interval: float
     admin_allow_remote: bool
     admin_tls_cert: Path | None
     admin_tls_key: Path | None
@@ -304,6 +305,7 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "failure_limit_per_source": _as_int(1, 1_000_000),
     "failure_limit_per_token": _as_int(1, 1_000_000),
     "failure_window": _as_float(1, 86400),
+    "token_recheck_interval": _as_float(0, 3600),
     "admin_allow_remote": _as_bool,
     "admin_tls_cert": _as_file,
     "admin_tls_key": _as_file,
@@ -424,6 +426,7 @@ def load_settings(
         failure_limit_per_source=values["failure_limit_per_source"],
         failure_limit_per_token=values["failure_limit_per_token"],
         failure_window=values["failure_window"],
+        token_recheck_interval=values["token_recheck_interval"],
         admin_allow_remote=values["admin_allow_remote"],
         admin_tls_cert=values["admin_tls_cert"],
         admin_tls_key=values["admin_tls_key"],

@@ -44,7 +44,12 @@ class CachedToken:
     memo_current: bytes | None = None
     memo_previous: bytes | None = None
     memo_revoked: tuple[bytes, ...] = ()  # digests of secrets this token had and no longer accepts
+    rechecked_at: float = -math.inf  # monotonic; when a failed secret last made the store of record be read
     verifications: dict[bytes, asyncio.Future[bool]] = field(default_factory=dict)
+
+
+def _secrets_of(record: TokenRecord) -> tuple[str, str | None, object]:
+    return record.secret_hash, record.previous_secret_hash, record.previous_secret_expires_at
 
 
 def _timestamp(record_time: object) -> float | None:
@@ -60,8 +65,13 @@ class TokenCache:
         max_entries: int = 100_000,
         negative_ttl: float = 5.0,
         ttl: float | None = None,
+        origin: TokenSource | None = None,
+        recheck_interval: float = 1.0,
     ) -> None:
         self._store = store
+        self._origin = origin or store
+        self._recheck_interval = recheck_interval
+        self._rechecks: dict[str, asyncio.Task[TokenRecord | None]] = {}
         self._ttl = ttl
         self._levels = access_levels
         self._max_entries = max_entries
@@ -112,6 +122,45 @@ class TokenCache:
             if record is None:
                 return None
             # Overtaken by a delete while in flight, and nothing cached: read again rather than trust it.
+
+    async def recheck(self, entry: CachedToken) -> CachedToken | None:
+        """After a secret failed against `entry`: the token as the store of record has it now, if its secrets
+        differ from `entry`'s (it is cached from then on), else None.
+
+        An entry can be stale when a change notification was lost (Redis down during a rotation), and a
+        correct new secret must not be judged by it. The store is read at most once per token id per
+        `recheck_interval` seconds, one read shared by every request that waits for it, so a flood of wrong
+        secrets costs the store one read per token per interval and no argon2 work while the secrets agree.
+        """
+        token_id = entry.record.id
+        read = self._rechecks.get(token_id)
+        if read is None:
+            now = time.monotonic()
+            current = self.peek(token_id)
+            checked = max(entry.rechecked_at, current.rechecked_at if current is not None else -math.inf)
+            if now - checked < self._recheck_interval:
+                return None
+            entry.rechecked_at = now
+            if current is not None:
+                current.rechecked_at = now
+            read = asyncio.ensure_future(self._origin.get_token(token_id))
+            self._rechecks[token_id] = read
+            read.add_done_callback(functools.partial(self._recheck_done, token_id))
+        record = await asyncio.shield(read)  # a failed read raises here, for every waiter
+        if record is None:
+            self.forget(token_id)  # deleted in the store (ids are never reused)
+            return None
+        current = self.peek(token_id)
+        if current is None or current.record.version < record.version:
+            self.apply(record)
+            current = self.peek(token_id)
+        if current is None or _secrets_of(current.record) == _secrets_of(entry.record):
+            return None
+        return current
+
+    def _recheck_done(self, token_id: str, read: asyncio.Task[TokenRecord | None]) -> None:
+        if self._rechecks.get(token_id) is read:
+            del self._rechecks[token_id]
 
     def _settle(self, token_id: str, load: asyncio.Task[TokenRecord | None]) -> None:
         if self._loads.get(token_id) is not load:
@@ -192,6 +241,7 @@ class TokenCache:
             previous_secret_until=_timestamp(record.previous_secret_expires_at),
         )
         if previous is not None:
+            entry.rechecked_at = previous.rechecked_at
             # A memo proves knowledge of the secret behind a hash: it stays valid exactly as long as that hash.
             # A digest of a secret whose hash is gone is remembered as revoked: answered without argon2.
             old = previous.record
