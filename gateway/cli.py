@@ -16,6 +16,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -29,6 +30,7 @@ from gateway.demo_upstream import create_demo_upstream_app
 from gateway.http_server import HttpRunner
 from gateway.proxy_app import create_proxy_app
 from gateway.settings import ListenAddress, Settings, SettingsError, load_settings, parse_listen_address
+from gateway.tls import ServerTls
 
 log = logging.getLogger("gateway")
 
@@ -104,11 +106,13 @@ async def run_planes(
     parent_pid: int | None = None,
 ) -> None:
     """Run the given planes until SIGTERM or SIGINT (or, for a worker, its parent's death), then drain
-    in-flight requests and return."""
+    in-flight requests and return. SIGHUP reloads the TLS certificates."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    certificates: list[ServerTls] = []
+    loop.add_signal_handler(signal.SIGHUP, lambda: [tls.reload() for tls in certificates])
     watch = asyncio.create_task(_stop_when_orphaned(parent_pid, stop)) if parent_pid is not None else None
 
     runners: list[web.AppRunner] = []
@@ -135,8 +139,14 @@ async def run_planes(
                     access_log=logging.getLogger("admin_api.access") if access else None,
                 )
                 runners.insert(0, admin)
-                tls = _admin_tls(settings)
-                await _start_site(admin, settings.admin_listen, settings.shutdown_timeout, ssl_context=tls)
+                tls = _server_tls("admin API", settings.admin_tls_cert, settings.admin_tls_key)
+                certificates += [tls] if tls is not None else []
+                await _start_site(
+                    admin,
+                    settings.admin_listen,
+                    settings.shutdown_timeout,
+                    ssl_context=tls.context if tls is not None else None,
+                )
                 log.info("admin API listening on %s://%s", "https" if tls else "http", settings.admin_listen)
             if "proxy" in planes:
                 proxy = HttpRunner(
@@ -144,8 +154,21 @@ async def run_planes(
                     access_log=logging.getLogger("gateway.access") if access else None,
                 )
                 runners.insert(0, proxy)
-                await _start_site(proxy, settings.proxy_listen, settings.shutdown_timeout, reuse_port=reuse_port)
-                log.info("proxy listening on http://%s -> %s", settings.proxy_listen, settings.upstream)
+                tls = _server_tls("proxy", settings.proxy_tls_cert, settings.proxy_tls_key)
+                certificates += [tls] if tls is not None else []
+                await _start_site(
+                    proxy,
+                    settings.proxy_listen,
+                    settings.shutdown_timeout,
+                    reuse_port=reuse_port,
+                    ssl_context=tls.context if tls is not None else None,
+                )
+                log.info(
+                    "proxy listening on %s://%s -> %s",
+                    "https" if tls else "http",
+                    settings.proxy_listen,
+                    settings.upstream,
+                )
             await stop.wait()
             log.info("stopping: draining in-flight requests (up to %gs)", settings.shutdown_timeout)
             for runner in runners:  # the proxy first: it drains while the core is still open
@@ -159,13 +182,8 @@ async def run_planes(
     log.info("stopped")
 
 
-def _admin_tls(settings: Settings) -> ssl.SSLContext | None:
-    if settings.admin_tls_cert is None or settings.admin_tls_key is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(settings.admin_tls_cert, settings.admin_tls_key)
-    return context
+def _server_tls(name: str, cert: Path | None, key: Path | None) -> ServerTls | None:
+    return ServerTls(name, cert, key) if cert is not None and key is not None else None
 
 
 def _run(coroutine: Coroutine[Any, Any, None]) -> None:
@@ -203,10 +221,10 @@ def _run_workers(settings: Settings, workers: int) -> int:
     def relay(signum: int, frame: object) -> None:
         for process in processes:
             if process.is_alive() and process.pid is not None:
-                process.terminate()
+                os.kill(process.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
 
-    signal.signal(signal.SIGTERM, relay)
-    signal.signal(signal.SIGINT, relay)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, relay)
     for process in processes:
         process.join()
     return max((process.exitcode or 0) for process in processes)

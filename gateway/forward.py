@@ -97,13 +97,15 @@ def _connection_listed(values: list[bytes]) -> frozenset[bytes]:
     return frozenset(listed - {b"", b"close", b"keep-alive"})
 
 
-def upstream_request_head(request: HttpRequest, *, host: bytes, peer_trusted: bool) -> bytes:
+def upstream_request_head(
+    request: HttpRequest, *, host: bytes, peer_trusted: bool, proto: bytes = b"http"
+) -> bytes:
     """The client's headers as sent upstream, as `Name: value\\r\\n` lines: REQUEST_HEADERS_DROPPED and
-    gateway-owned names dropped (compared folded), forwarding headers rewritten. The upstream client adds
-    framing; the caller adds `gateway_headers`."""
-    lines, connection = _forwarded_lines(request, host, REQUEST_HEADERS_DROPPED, peer_trusted)
+    gateway-owned names dropped (compared folded), forwarding headers rewritten (`proto`: the scheme the client
+    reached the gateway with). The upstream client adds framing; the caller adds `gateway_headers`."""
+    lines, connection = _forwarded_lines(request, host, REQUEST_HEADERS_DROPPED, peer_trusted, proto)
     if connection and (listed := _connection_listed(connection)):
-        lines, _ = _forwarded_lines(request, host, REQUEST_HEADERS_DROPPED | listed, peer_trusted)
+        lines, _ = _forwarded_lines(request, host, REQUEST_HEADERS_DROPPED | listed, peer_trusted, proto)
     return b"".join(lines)
 
 
@@ -129,7 +131,7 @@ def gateway_headers(token_id: str, access_level: str) -> bytes:
 
 
 def _forwarded_lines(
-    request: HttpRequest, host: bytes, dropped: frozenset[bytes], peer_trusted: bool
+    request: HttpRequest, host: bytes, dropped: frozenset[bytes], peer_trusted: bool, proto: bytes
 ) -> tuple[list[bytes], list[bytes]]:
     """The client's headers minus `dropped`, forwarding headers rewritten; and the Connection values seen."""
     lines = [b"Host: ", host, b"\r\n"]
@@ -157,7 +159,7 @@ def _forwarded_lines(
         forwarded_for.append(request.peer.encode())
     if forwarded_for:
         lines += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
-    lines += (b"X-Forwarded-Proto: ", forwarded_proto or b"http", b"\r\n")
+    lines += (b"X-Forwarded-Proto: ", forwarded_proto or proto, b"\r\n")
     if forwarded_host or client_host:
         lines += (b"X-Forwarded-Host: ", forwarded_host or client_host, b"\r\n")
     return lines, connection

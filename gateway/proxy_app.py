@@ -54,6 +54,7 @@ class ProxyHandler:
         self._usage = core.usage
         self._authenticator = authenticator
         self._forwarder = forwarder
+        self._proto = b"http" if core.settings.proxy_tls_cert is None else b"https"
         path = core.settings.proxy_health_path
         self._health = HealthProbe(core, path) if path is not None else None
 
@@ -129,7 +130,9 @@ class ProxyHandler:
         authorization, forwarded_for = _credential_headers(request.headers)
         identified = self._authenticator.identify(presented_token(authorization, self._settings.token_prefix))
         client_ip, peer_trusted = self._client_ips.resolve(request.peer, forwarded_for)
-        upstream_head = upstream_request_head(request, host=self._forwarder.host, peer_trusted=peer_trusted)
+        upstream_head = upstream_request_head(
+            request, host=self._forwarder.host, peer_trusted=peer_trusted, proto=self._proto
+        )
         return _SeenHeaders(request.headers, identified, client_ip, upstream_head)
 
 

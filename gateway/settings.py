@@ -86,6 +86,8 @@ class Settings:
     admin_allow_remote: bool
     admin_tls_cert: Path | None
     admin_tls_key: Path | None
+    proxy_tls_cert: Path | None
+    proxy_tls_key: Path | None
     log_level: str
     access_log: bool
     proxy_health_path: str | None
@@ -309,6 +311,8 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "admin_allow_remote": _as_bool,
     "admin_tls_cert": _as_file,
     "admin_tls_key": _as_file,
+    "proxy_tls_cert": _as_file,
+    "proxy_tls_key": _as_file,
     "log_level": _as_log_level,
     "access_log": _as_bool,
     "proxy_health_path": _as_health_path,
@@ -317,7 +321,16 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "argon2.memory_cost_kib": _as_int(8, 4 * 1024 * 1024),
     "argon2.parallelism": _as_int(1, 64),
 }
-_OPTIONAL = {"upstream", "admin_key", "redis_url", "admin_tls_cert", "admin_tls_key", "proxy_health_path"}
+_OPTIONAL = {
+    "upstream",
+    "admin_key",
+    "redis_url",
+    "admin_tls_cert",
+    "admin_tls_key",
+    "proxy_tls_cert",
+    "proxy_tls_key",
+    "proxy_health_path",
+}
 
 
 def env_name(setting: str) -> str:
@@ -398,6 +411,8 @@ def load_settings(
         raise SettingsError(f"setting {error}") from None
     if (values["admin_tls_cert"] is None) != (values["admin_tls_key"] is None):
         raise SettingsError("settings 'admin_tls_cert' and 'admin_tls_key' must be given together")
+    if (values["proxy_tls_cert"] is None) != (values["proxy_tls_key"] is None):
+        raise SettingsError("settings 'proxy_tls_cert' and 'proxy_tls_key' must be given together")
 
     return Settings(
         upstream=values["upstream"],
@@ -430,6 +445,8 @@ def load_settings(
         admin_allow_remote=values["admin_allow_remote"],
         admin_tls_cert=values["admin_tls_cert"],
         admin_tls_key=values["admin_tls_key"],
+        proxy_tls_cert=values["proxy_tls_cert"],
+        proxy_tls_key=values["proxy_tls_key"],
         log_level=values["log_level"],
         access_log=values["access_log"],
         proxy_health_path=values["proxy_health_path"],
