@@ -137,7 +137,7 @@ def is_public(path: str) -> bool:
 @web.middleware
 async def admin_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticate every non-public request; a `viewer` may read, and gets 403 on every change."""
-    if is_public(request.path):
+    if is_public(request.path) or (request.path == "/metrics" and request.app[core_key].settings.metrics_public):
         return await handler(request)
     try:
         key = await request.app[admin_authenticator_key].authenticate(request.headers.get(hdrs.AUTHORIZATION))

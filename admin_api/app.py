@@ -12,6 +12,7 @@ from admin_api.validation import parse_limit, query_parameters
 from gateway.background import background_task
 from gateway.core import Core, core_key
 from gateway.health import readiness
+from gateway.metrics.listener import metrics_response
 from gateway.problems import GatewayError, bad_request, problem_middleware
 from gateway.store import InvalidCursor
 
@@ -50,6 +51,12 @@ async def ready(request: web.Request) -> web.Response:
         pending = await core.store.pending_changes(limit=1000) if checks["store"] == "ok" else []
         checks["undelivered_changes"] = str(len(pending))
     return web.json_response({"status": "ok" if ready else "unavailable", **checks}, status=200 if ready else 503)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics of this process (every plane it runs); an admin key of any role, unless public."""
+    return await metrics_response(request.app[core_key])
 
 
 def create_admin_app(core: Core, authenticator: AdminAuthenticator) -> web.Application:

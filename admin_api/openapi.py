@@ -400,6 +400,19 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                 public=True,
             )
         },
+        "/metrics": {
+            "get": _operation(
+                "metrics",
+                "This process's metrics in the Prometheus text format (public with metrics_public)",
+                {
+                    "200": {
+                        "description": "Prometheus text exposition format 0.0.4; no secret in it.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+                "401",
+            )
+        },
         "/openapi.json": {
             "get": _operation(
                 "openapi",

@@ -28,6 +28,7 @@ from gateway import __version__
 from gateway.core import open_core
 from gateway.demo_upstream import create_demo_upstream_app
 from gateway.http_server import HttpRunner
+from gateway.metrics.listener import create_metrics_app
 from gateway.proxy_app import create_proxy_app
 from gateway.settings import ListenAddress, Settings, SettingsError, load_settings, parse_listen_address
 from gateway.tls import ServerTls
@@ -104,6 +105,7 @@ async def run_planes(
     demo_upstream: ListenAddress | None = None,
     reuse_port: bool = False,
     parent_pid: int | None = None,
+    worker: int = 0,
 ) -> None:
     """Run the given planes until SIGTERM or SIGINT (or, for a worker, its parent's death), then drain
     in-flight requests and return. SIGHUP reloads the TLS certificates."""
@@ -169,6 +171,15 @@ async def run_planes(
                     settings.proxy_listen,
                     settings.upstream,
                 )
+            if settings.metrics_listen is not None:
+                where = settings.metrics_listen
+                where = ListenAddress(where.host, where.port + worker if where.port else 0)
+                check = None
+                if not settings.metrics_public:
+                    check = AdminAuthenticator(core.store, core.hasher, prefix=settings.token_prefix).authenticate
+                runners.append(web.AppRunner(create_metrics_app(core, check), access_log=None))
+                await _start_site(runners[-1], where, 1.0)
+                log.info("metrics listening on http://%s/metrics", where)
             await stop.wait()
             log.info("stopping: draining in-flight requests (up to %gs)", settings.shutdown_timeout)
             for runner in runners:  # the proxy first: it drains while the core is still open
@@ -200,10 +211,10 @@ async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-def _proxy_worker(settings: Settings, parent_pid: int) -> None:
+def _proxy_worker(settings: Settings, parent_pid: int, worker: int) -> None:
     _configure_logging(settings)
     try:
-        _run(run_planes(settings, ("proxy",), reuse_port=True, parent_pid=parent_pid))
+        _run(run_planes(settings, ("proxy",), reuse_port=True, parent_pid=parent_pid, worker=worker))
     except OSError as error:
         print(f"gateway: cannot start: {error.strerror or error}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -213,7 +224,8 @@ def _run_workers(settings: Settings, workers: int) -> int:
     """The parent of `gateway proxy --workers N`: starts N processes on one port, relays SIGTERM, waits."""
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_proxy_worker, args=(settings, os.getpid()), name=f"proxy-{n}") for n in range(workers)
+        context.Process(target=_proxy_worker, args=(settings, os.getpid(), n), name=f"proxy-{n}")
+        for n in range(workers)
     ]
     for process in processes:
         process.start()

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway.client_ip import ClientIpResolver
 from gateway.invalidation import InvalidationListener
+from gateway.metrics import Metrics
 from gateway.redis_tokens import RedisTokens, RedisUsage, connect
 from gateway.secrets import SecretHasher
 from gateway.settings import Settings
@@ -47,6 +48,7 @@ class Core:
     usage: UsageRecorder
     client_ips: ClientIpResolver
     changes: TokenChanges
+    metrics: Metrics
     shared: SharedCache | None = None
     # The wall clock the admin API stamps changes with (creation, rotation grace, expiry checks); a test
     # sets it to another moment to see grace and expiry end through the proxy without waiting.
@@ -84,6 +86,7 @@ def _assemble(
         "recheck_interval": settings.token_recheck_interval,
     }
     client_ips = ClientIpResolver(settings.trusted_proxies)
+    metrics = Metrics(token_labels=settings.metrics_token_labels)
     if client is None:
         tokens = TokenCache(store, settings.access_levels, **cache_options)  # type: ignore[arg-type]
         return Core(
@@ -94,6 +97,7 @@ def _assemble(
             usage=UsageRecorder(store, interval=settings.usage_flush_interval),
             client_ips=client_ips,
             changes=LocalTokenChanges(tokens),
+            metrics=metrics,
             clock=clock,
         )
     shared_tokens = RedisTokens(
@@ -112,10 +116,11 @@ def _assemble(
         usage=UsageRecorder(usage, interval=settings.usage_flush_interval),
         client_ips=client_ips,
         changes=changes,
+        metrics=metrics,
         shared=SharedCache(
             client=client,
             tokens=shared_tokens,
-            listener=InvalidationListener(client, shared_tokens, tokens),
+            listener=InvalidationListener(client, shared_tokens, tokens, metrics=metrics),
             changes=changes,
             usage_drainer=UsageDrainer(usage, store, interval=settings.usage_flush_interval),
         ),

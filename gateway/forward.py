@@ -13,6 +13,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator
 from http import HTTPStatus
+from time import perf_counter
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from gateway.http_server import HttpRequest, RequestBody, date_header
@@ -242,6 +243,7 @@ class UpstreamForwarder:
         elif request.content_length == 0:
             body = b""  # sent as `Content-Length: 0`: some upstreams answer a POST without it with 411
         length = request.content_length if guard is not None else None
+        started = perf_counter()
         try:
             upstream = await self._pool.request(
                 request.method,
@@ -254,6 +256,7 @@ class UpstreamForwarder:
         except GatewayError:
             raise  # the client's body was refused while it streamed upstream
         except Exception as error:
+            request.upstream_seconds = perf_counter() - started
             if guard is not None and guard.error is not None:
                 raise guard.error from None
             if isinstance(error, ConnectionResetError) and not isinstance(error, UpstreamError):
@@ -266,6 +269,7 @@ class UpstreamForwarder:
                     502, "upstream_unavailable", "The upstream service could not be reached."
                 ) from None
             raise
+        request.upstream_seconds = perf_counter() - started
         length = upstream.content_length
         if (
             length is not None

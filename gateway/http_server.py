@@ -22,11 +22,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
+from time import perf_counter
 from typing import cast
 
 import httptools
 from aiohttp import web
 
+from gateway.metrics import Metrics
 from gateway.problems import GatewayError, problem_bytes
 
 log = logging.getLogger(__name__)
@@ -161,6 +163,7 @@ class HttpRequest:
         "_error",
         "body",
         "body_length",
+        "code",
         "content_length",
         "headers",
         "keep_alive",
@@ -170,6 +173,7 @@ class HttpRequest:
         "status",
         "target",
         "token_id",
+        "upstream_seconds",
         "version",
     )
 
@@ -194,6 +198,8 @@ class HttpRequest:
         self.body = body
         self.peer = conn.peer
         self.token_id = "-"  # for the access log, once the handler knows it
+        self.code = "ok"  # the decision, for metrics: a problem's code when the gateway refused
+        self.upstream_seconds = 0.0  # spent waiting for the upstream's response head, for metrics
         self.status = 0
         self.body_length = 0
         self.started = False
@@ -474,7 +480,7 @@ class HttpConnection(asyncio.Protocol):
         try:
             while pipeline:
                 request = pipeline[0]
-                started = self.loop.time() if server.access_log is not None else 0.0
+                started = perf_counter()
                 # The handler's outcome, inline (one coroutine less per request): an answer, or an error
                 # turned into one.
                 try:
@@ -498,8 +504,12 @@ class HttpConnection(asyncio.Protocol):
                 pipeline.popleft()
                 if request.body is not None:
                     request.body.discard()
+                elapsed = perf_counter() - started
+                server.metrics.request_done(
+                    request.code, request.status, request.token_id, elapsed, request.upstream_seconds
+                )
                 if server.access_log is not None:
-                    server.log_request(request, self.loop.time() - started)
+                    server.log_request(request, elapsed)
                 if not request.keep_alive or self._lost:
                     self._close_after_answer(request)
                     return
@@ -518,6 +528,7 @@ class HttpConnection(asyncio.Protocol):
             self._deadline = self.loop.time() + timeout
 
     def _answer_problem(self, request: HttpRequest, error: GatewayError) -> None:
+        request.code = error.code
         if self._lost:
             request.keep_alive = False
         elif request.started:
@@ -682,11 +693,14 @@ class HttpServer:
         limits: HttpLimits,
         *,
         access_log: logging.Logger | None = None,
+        metrics: Metrics | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.handler = handler
         self.limits = limits
         self.access_log = access_log
+        self.metrics = metrics or Metrics()
+        self.metrics.gauges["client_connections"] = lambda: len(self.connections)
         self.loop = loop or asyncio.get_running_loop()
         self.connections: set[HttpConnection] = set()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
@@ -737,6 +751,7 @@ class HttpServer:
 
 http_handler_key: web.AppKey[RequestHandler] = web.AppKey("http_handler")
 http_limits_key = web.AppKey("http_limits", HttpLimits)
+http_metrics_key = web.AppKey("http_metrics", Metrics)
 
 
 class HttpRunner(web.AppRunner):
@@ -753,5 +768,6 @@ class HttpRunner(web.AppRunner):
             self.app[http_handler_key],
             self.app[http_limits_key],
             access_log=access_log if isinstance(access_log, logging.Logger) else None,
+            metrics=self.app.get(http_metrics_key),
         )
         return server  # type: ignore[return-value]

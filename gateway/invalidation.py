@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from gateway.background import raise_if_cancelling
+from gateway.metrics import Metrics
 from gateway.redis_tokens import RedisTokens
 from gateway.token_cache import TokenCache
 
@@ -29,12 +31,14 @@ class InvalidationListener:
         *,
         distrust_after_reconnect: float = 2.0,
         max_backoff: float = 2.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._client = client
         self._tokens = tokens
         self._cache = cache
         self._distrust = distrust_after_reconnect
         self._max_backoff = max_backoff
+        self._metrics = metrics or Metrics()
         self.connected = asyncio.Event()
         self.subscriptions = 0
         self.messages = 0
@@ -64,7 +68,7 @@ class InvalidationListener:
                         continue
                     if message.get("type") == "message":
                         self.messages += 1
-                        self._cache.invalidate(message["data"].decode())
+                        self._received(message["data"])
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as error:
@@ -80,3 +84,14 @@ class InvalidationListener:
                     await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
                 except (RedisError, OSError):
                     pass
+
+    def _received(self, data: bytes) -> None:
+        """`<id>` or `<id> <commit unix time>` (redis_tokens.RedisTokens.publish)."""
+        token_id, _, committed_at = data.partition(b" ")
+        self._cache.invalidate(token_id.decode())
+        if committed_at:
+            try:
+                lag = time.time() - float(committed_at)
+            except ValueError:
+                return
+            self._metrics.propagation_seconds.observe(max(0.0, lag))

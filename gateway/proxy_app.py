@@ -38,6 +38,7 @@ from gateway.http_server import (
     date_header,
     http_handler_key,
     http_limits_key,
+    http_metrics_key,
 )
 from gateway.problems import GatewayError
 from gateway.token_cache import CachedToken
@@ -171,6 +172,7 @@ class _Decision(NamedTuple):
 
 async def _answer_health(request: HttpRequest, probe: HealthProbe) -> None:
     """The load balancers' answer, without credentials; never forwarded."""
+    request.code = "health"
     if request.method not in ("GET", "HEAD"):
         raise GatewayError(
             405, "method_not_allowed", "The health path answers GET and HEAD.", headers={"Allow": "GET, HEAD"}
@@ -206,6 +208,7 @@ async def _proxy_handler(app: web.Application) -> AsyncIterator[None]:
         upstream, connect_timeout=settings.upstream_connect_timeout, read_timeout=settings.upstream_timeout
     )
     forwarder = app[forwarder_key] = UpstreamForwarder(pool, upstream, body_timeout=settings.client_body_timeout)
+    core.metrics.gauges["upstream_connections"] = lambda: pool.open_count
     limits = FailureLimits(
         per_source=settings.failure_limit_per_source,
         per_token=settings.failure_limit_per_token,
@@ -223,6 +226,7 @@ def create_proxy_app(core: Core) -> web.Application:
     settings = core.settings
     app = web.Application()
     app[core_key] = core
+    app[http_metrics_key] = core.metrics
     app[http_limits_key] = HttpLimits(
         max_header_count=settings.max_header_count,
         max_header_bytes=settings.max_header_bytes,

@@ -99,6 +99,10 @@ class RedisTokens:
         self._set_if_newer = client.register_script(_SET_IF_NEWER)
         self._skip_redis_until = 0.0
         self.redis_reads = 0
+        self.redis_hits = 0  # reads Redis answered with an entry (or a tombstone)
+        self.redis_errors = 0  # reads that failed or were skipped while Redis is distrusted
+        self.store_found = 0  # store reads on a Redis miss that found the token
+        self.store_missing = 0
         self.fills = 0
 
     @property
@@ -124,11 +128,19 @@ class RedisTokens:
             except (RedisError, OSError) as error:
                 self._redis_failed("read", error)
                 use_redis = False
+                self.redis_errors += 1
             else:
                 if raw is not None:
+                    self.redis_hits += 1
                     _, _, payload = raw.partition(b"|")
                     return None if payload == b"deleted" else record_from_json(json.loads(payload))
+        else:
+            self.redis_errors += 1
         record = await self._store.get_token(token_id)
+        if record is None:
+            self.store_missing += 1
+        else:
+            self.store_found += 1
         if use_redis and record is not None:
             try:
                 await self.write(record)
@@ -149,9 +161,12 @@ class RedisTokens:
             keys=[self.keys.token(token_id)], args=[TOMBSTONE_VERSION, "deleted", TOMBSTONE_TTL_SECONDS]
         )
 
-    async def publish(self, token_ids: Iterable[str]) -> None:
-        for token_id in token_ids:
-            await self.client.publish(self.keys.changes_channel, token_id)
+    async def publish(self, changes: Iterable[tuple[str, float | None]]) -> None:
+        """Announce changed tokens: `<id> <commit unix time>`, or `<id>` alone when the time is unknown (a
+        delete). Listeners take the id from before the space and measure the propagation lag from the time."""
+        for token_id, committed_at in changes:
+            message = token_id if committed_at is None else f"{token_id} {committed_at:.6f}"
+            await self.client.publish(self.keys.changes_channel, message)
 
 
 

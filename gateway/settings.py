@@ -92,6 +92,9 @@ class Settings:
     access_log: bool
     proxy_health_path: str | None
     body_method_override: bool
+    metrics_public: bool
+    metrics_listen: ListenAddress | None
+    metrics_token_labels: bool
     argon2: Argon2Parameters
     access_levels: Mapping[str, AccessLevel] = field(repr=False)
 
@@ -317,6 +320,9 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "access_log": _as_bool,
     "proxy_health_path": _as_health_path,
     "body_method_override": _as_bool,
+    "metrics_public": _as_bool,
+    "metrics_listen": parse_listen_address,
+    "metrics_token_labels": _as_bool,
     "argon2.time_cost": _as_int(1, 100),
     "argon2.memory_cost_kib": _as_int(8, 4 * 1024 * 1024),
     "argon2.parallelism": _as_int(1, 64),
@@ -330,6 +336,7 @@ _OPTIONAL = {
     "proxy_tls_cert",
     "proxy_tls_key",
     "proxy_health_path",
+    "metrics_listen",
 }
 
 
@@ -451,6 +458,9 @@ def load_settings(
         access_log=values["access_log"],
         proxy_health_path=values["proxy_health_path"],
         body_method_override=values["body_method_override"],
+        metrics_public=values["metrics_public"],
+        metrics_listen=values["metrics_listen"],
+        metrics_token_labels=values["metrics_token_labels"],
         argon2=Argon2Parameters(
             time_cost=values["argon2.time_cost"],
             memory_cost_kib=values["argon2.memory_cost_kib"],

@@ -79,6 +79,12 @@ class TokenCache:
         # A CachedToken, or the monotonic time until which the id is known not to exist.
         self._entries: OrderedDict[str, CachedToken | float] = OrderedDict()
         self._loads: dict[str, asyncio.Task[TokenRecord | None]] = {}
+        # For metrics: lookups answered from memory (a fresh entry, or an id known not to exist), lookups
+        # that waited for the source, and what the source answered when it is the store itself.
+        self.hits = 0
+        self.misses = 0
+        self.source_found = 0
+        self.source_missing = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -92,22 +98,31 @@ class TokenCache:
         entry = self._entries.get(token_id)
         if type(entry) is CachedToken and (self._ttl is None or time.monotonic() - entry.loaded_at < self._ttl):
             self._entries.move_to_end(token_id)
+            self.hits += 1
             return entry
         return None
 
     async def get(self, token_id: str) -> CachedToken | None:
+        waited = False
         while True:
-            fresh = self.get_fresh(token_id)
-            if fresh is not None:
-                return fresh
             entry = self._entries.get(token_id)
+            if type(entry) is CachedToken and (self._ttl is None or time.monotonic() - entry.loaded_at < self._ttl):
+                self._entries.move_to_end(token_id)
+                if not waited:
+                    self.hits += 1
+                return entry
             if entry is not None:
                 if type(entry) is CachedToken:
                     pass  # stale: refresh it below, keeping it meanwhile so its memo can be carried over
                 elif entry > time.monotonic():  # type: ignore[operator]
+                    if not waited:
+                        self.hits += 1
                     return None
                 else:
                     del self._entries[token_id]
+            if not waited:
+                waited = True
+                self.misses += 1
             load = self._loads.get(token_id)
             if load is None:
                 load = asyncio.ensure_future(self._store.get_token(token_id))
@@ -169,6 +184,10 @@ class TokenCache:
         if load.cancelled() or load.exception() is not None:
             return
         record = load.result()
+        if record is None:
+            self.source_missing += 1
+        else:
+            self.source_found += 1
         current = self._entries.get(token_id)
         previous = current if isinstance(current, CachedToken) else None
         if record is None:

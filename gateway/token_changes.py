@@ -84,13 +84,16 @@ class RedisTokenChanges:
             if not pending:
                 return 0
             token_ids = list(dict.fromkeys(token_id for _, token_id in pending))
+            announced: list[tuple[str, float | None]] = []
             for token_id in token_ids:
                 record = await self._store.get_token(token_id)
                 if record is None:
                     await self._tokens.write_tombstone(token_id)
+                    announced.append((token_id, None))
                 else:
                     await self._tokens.write(record)
-            await self._tokens.publish(token_ids)
+                    announced.append((token_id, record.updated_at.timestamp()))
+            await self._tokens.publish(announced)
             await self._store.acknowledge_changes(pending[-1][0])
             self.delivered += len(token_ids)
             return len(token_ids)

@@ -78,6 +78,11 @@ class UpstreamPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
+    @property
+    def open_count(self) -> int:
+        """Connections open now, idle or in use."""
+        return len(self._idle) + len(self._busy)
+
     async def request(
         self,
         method: str,
