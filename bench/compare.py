@@ -3,7 +3,9 @@
 On loopback, with an nginx upstream answering ~100 bytes of JSON, it drives in turn: the upstream directly,
 nginx as a keep-alive reverse proxy, the naive aiohttp proxy of naive_proxy.py (a dict lookup for the token:
 the floor), the gateway (`gateway serve`, one process, a real token: argon2 hash in the store, IP range and
-access level checked), and `gateway proxy --workers 2` (with redis and a `gateway admin`). Each with wrk at
+access level checked), nginx and that gateway again with TLS on their client port (a self-signed P-256
+certificate; wrk keeps its connections, so handshakes are few and the rows show the cost of encryption), and
+`gateway proxy --workers 2` (with redis and a `gateway admin`). Each with wrk at
 concurrency 1 (-t1 -c1) and 32 (-t2 -c32), after a warm-up run, round after round. Then, through the
 single-process gateway: a 1 MB and a 50 MB body, down and up (throughput and the gateway's peak RSS growth),
 and the first request of a fresh token (argon2) against the next ones.
@@ -37,8 +39,10 @@ from report import (
     C32,
     DIRECT,
     GATEWAY,
+    GATEWAY_TLS,
     NAIVE,
     NGINX,
+    NGINX_TLS,
     NOISY,
     WORKERS,
     Results,
@@ -59,6 +63,7 @@ from services import (
     create_token,
     export_gateway,
     free_port,
+    make_certificate,
     need,
     on_one_core,
     proxy_server,
@@ -98,7 +103,10 @@ class Options:
 async def check_target(target: Target) -> None:
     """Before measuring: the target answers 200 with the upstream's body, so wrk counts real responses."""
     headers = {"Authorization": target.authorization}
-    async with aiohttp.ClientSession() as session, session.get(target.url, headers=headers) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(target.url, headers=headers, ssl=False) as response,  # the run's self-signed certificate
+    ):
         body = await response.text()
         if response.status != 200 or body != UPSTREAM_BODY:
             raise RuntimeError(f"{target.name}: {target.url} answered {response.status}: {body[:300]}")
@@ -161,14 +169,18 @@ async def start_targets(fleet: Fleet, workdir: Path) -> tuple[list[Target], str,
         with (files / f"{size}.bin").open("wb") as file:
             file.truncate(size)  # zeros; nginx sends them with sendfile like any file
     sink_port = await start_sink(fleet)
-    upstream_port, proxy_port = free_port(), free_port()
+    upstream_port, proxy_port, tls_proxy_port = free_port(), free_port(), free_port()
+    tls = make_certificate(workdir)
     start_nginx(fleet, "nginx-upstream", upstream_server(upstream_port, sink_port, files))
     start_nginx(fleet, "nginx-proxy", proxy_server(proxy_port, upstream_port))
+    start_nginx(fleet, "nginx-proxy-tls", proxy_server(tls_proxy_port, upstream_port, tls))
     upstream = f"http://127.0.0.1:{upstream_port}"
     await wait_http(upstream + API_PATH, expect=200)
     await wait_http(f"http://127.0.0.1:{proxy_port}{API_PATH}", expect=200)
+    await wait_http(f"https://127.0.0.1:{tls_proxy_port}{API_PATH}", expect=200)
     naive = await start_naive(fleet, upstream)
     single = await start_gateway_serve(fleet, upstream)
+    single_tls = await start_gateway_serve(fleet, upstream, name="gateway-serve-tls", tls=tls)
     workers = await start_gateway_workers(fleet, upstream, 2)
     plain = f"Bearer {NAIVE_TOKEN}"
     targets = [
@@ -180,6 +192,13 @@ async def start_targets(fleet: Fleet, workdir: Path) -> tuple[list[Target], str,
             single.proxy + API_PATH,
             f"Bearer {(await create_token(single)).secret}",
             [single.process],
+        ),
+        Target(NGINX_TLS, f"https://127.0.0.1:{tls_proxy_port}{API_PATH}", plain, ["nginx-proxy-tls"]),
+        Target(
+            GATEWAY_TLS,
+            single_tls.proxy + API_PATH,
+            f"Bearer {(await create_token(single_tls)).secret}",
+            [single_tls.process],
         ),
         Target(
             WORKERS,

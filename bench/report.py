@@ -24,6 +24,7 @@ README = BENCH / "README.md"
 README_BEGIN, README_END = "<!-- latest-results:begin -->", "<!-- latest-results:end -->"
 DIRECT, NGINX, NAIVE = "direct upstream", "nginx proxy", "naive aiohttp proxy"
 GATEWAY, WORKERS = "gateway (1 worker)", "gateway (2 workers)"
+NGINX_TLS, GATEWAY_TLS = "nginx proxy, TLS", "gateway (1 worker), TLS"
 BODIES = ((1_000_000, "1 MB", 20), (50_000_000, "50 MB", 3))  # size, label, transfers
 NOISY = 0.10  # other load, as a share of the machine, above which a run is flagged
 # The loads each target is driven with: wrk at c=1 and c=32 wherever the scheduler puts the processes, and c=1

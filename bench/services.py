@@ -70,7 +70,8 @@ async def wait_http(
     async with aiohttp.ClientSession() as session:
         while True:
             try:
-                async with session.get(url, headers=headers) as response:
+                # ssl=False: the TLS targets serve a self-signed certificate made for the run
+                async with session.get(url, headers=headers, ssl=False) as response:
                     if (response.status == expect) if expect is not None else response.status < 500:
                         return
             except aiohttp.ClientError:
@@ -244,14 +245,37 @@ def upstream_server(port: int, sink_port: int, files: Path) -> str:
     }}"""
 
 
-def proxy_server(port: int, upstream_port: int) -> str:
+def make_certificate(workdir: Path) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate for 127.0.0.1 and its key, for the TLS targets."""
+    cert, key = workdir / "tls.crt", workdir / "tls.key"
+    subprocess.run(
+        [
+            need("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def proxy_server(port: int, upstream_port: int, tls: tuple[Path, Path] | None = None) -> str:
+    """nginx as a keep-alive reverse proxy; with `tls` (certificate, key) it serves TLS 1.2+ as the gateway
+    does."""
+    listen = f"listen 127.0.0.1:{port} backlog=4096"
+    if tls is not None:
+        listen += (
+            f" ssl;\n        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};\n"
+            "        ssl_protocols TLSv1.2 TLSv1.3"
+        )
     return f"""    upstream backend {{
         server 127.0.0.1:{upstream_port};
         keepalive 64;
         keepalive_requests 1000000;
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        {listen};
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -309,18 +333,24 @@ def export_gateway(ref: str, workdir: Path) -> tuple[Path, str]:
     return source, commit
 
 
-async def start_gateway_serve(fleet: Fleet, upstream: str) -> Gateway:
+async def start_gateway_serve(
+    fleet: Fleet, upstream: str, *, name: str = "gateway-serve", tls: tuple[Path, Path] | None = None
+) -> Gateway:
+    """`gateway serve`; with `tls` (certificate, key) its proxy port serves TLS."""
     proxy_port, admin_port = free_port(), free_port()
+    extra = {} if tls is None else {"GATEWAY_PROXY_TLS_CERT": str(tls[0]), "GATEWAY_PROXY_TLS_KEY": str(tls[1])}
     env = gateway_env(
         fleet,
         upstream,
-        "gateway-serve.db",
+        f"{name}.db",
         GATEWAY_PROXY_LISTEN=f"127.0.0.1:{proxy_port}",
         GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{admin_port}",
+        **extra,
     )
-    fleet.spawn("gateway-serve", [sys.executable, "-m", "gateway", "serve"], env=env)
-    gateway = Gateway(f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{admin_port}", "gateway-serve")
-    await _wait_gateway(fleet, gateway, ["gateway-serve"])
+    fleet.spawn(name, [sys.executable, "-m", "gateway", "serve"], env=env)
+    scheme = "http" if tls is None else "https"
+    gateway = Gateway(f"{scheme}://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{admin_port}", name)
+    await _wait_gateway(fleet, gateway, [name])
     return gateway
 
 
