@@ -5,23 +5,30 @@ too) and are looked up by id; the bootstrap key (GATEWAY_ADMIN_KEY, or the one g
 be any string. A verified key is recognised afterwards by its memo digest, and a key that failed is remembered
 too, so neither costs argon2 work twice. The key list is read from the store on each request: a deleted key
 stops working at once, in every admin process.
+
+Wrong keys are limited per address as the proxy limits wrong secrets (failure_limits.py, the same windows and
+settings): past `failure_limit` in a window, the address gets 429 with Retry-After, except for a key already
+verified in this process, which is accepted first. What reaches the audit log is bounded (auth_audit.py).
 """
 
 from __future__ import annotations
 
-import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
+from admin_api.auth_audit import FailedAuthAudit
+from gateway.client_ip import parse_address
 from gateway.core import core_key
+from gateway.failure_limits import Clock, FailureWindows, source_key, too_many_failures
 from gateway.problems import GatewayError
 from gateway.secrets import SecretHasher
 from gateway.settings import Secret
 from gateway.store import TokenStore
 from gateway.token_format import parse_token, random_base62
-from gateway.tokens import AdminKeyRecord, AuditEvent, utc_now
+from gateway.tokens import AdminKeyRecord, utc_now
 
 BOOTSTRAP_KEY_ID = "bootstrap"
 ROLES = ("admin", "viewer")
@@ -31,8 +38,6 @@ MEMO_ENTRIES = 4096
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json"})
 PUBLIC_PREFIXES = ("/page/",)
-
-log = logging.getLogger(__name__)
 
 
 def admin_key_prefix(token_prefix: str) -> str:
@@ -69,58 +74,81 @@ class _Memo:
 
 
 class AdminAuthenticator:
-    def __init__(self, store: TokenStore, hasher: SecretHasher, *, prefix: str) -> None:
+    def __init__(
+        self,
+        store: TokenStore,
+        hasher: SecretHasher,
+        *,
+        prefix: str,
+        failure_limit: int = 20,
+        failure_window: float = 60.0,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self._store = store
         self._hasher = hasher
         self._key_prefix = admin_key_prefix(prefix)
         self._verified = _Memo()
         self._failed = _Memo()
+        self._failures = FailureWindows(failure_limit, failure_window, clock=clock)
+        self.failure_audit = FailedAuthAudit(window=failure_window, clock=clock)
 
     async def bootstrap(self, configured: Secret | None) -> str | None:
-        """Make sure an admin key exists. Returns a newly generated key, to be shown once, or None."""
+        """Make sure an admin key exists. Returns a newly generated key, to be shown once, or None.
+
+        The configured key is remembered as verified, so its holder is let in even from an address that
+        wrong keys have throttled."""
         keys = {key.id: key for key in await self._store.list_admin_keys()}
         existing = keys.get(BOOTSTRAP_KEY_ID)
         generated = None
         if configured is not None:
             secret = configured.reveal()
             if existing is not None and await self._hasher.verify(existing.key_hash, secret):
+                self._remember_verified(existing, secret)
                 return None
         elif keys:
             return None
         else:
             secret = generated = f"{self._key_prefix}_{random_base62(43)}"
-        await self._store.put_admin_key(
-            AdminKeyRecord(
-                id=BOOTSTRAP_KEY_ID,
-                name="bootstrap admin key",
-                role="admin",
-                created_at=utc_now() if existing is None else existing.created_at,
-                key_hash=await self._hasher.hash(secret),
-            )
+        record = AdminKeyRecord(
+            id=BOOTSTRAP_KEY_ID,
+            name="bootstrap admin key",
+            role="admin",
+            created_at=utc_now() if existing is None else existing.created_at,
+            key_hash=await self._hasher.hash(secret),
         )
+        await self._store.put_admin_key(record)
+        self._remember_verified(record, secret)
         return generated
 
-    async def authenticate(self, authorization: str | None) -> AdminKeyRecord:
+    def _remember_verified(self, key: AdminKeyRecord, secret: str) -> None:
+        self._verified.put(self._hasher.memo_digest("admin:" + key.id, secret), key.id, key.key_hash)
+
+    async def authenticate(self, authorization: str | None, source: str = "unknown") -> AdminKeyRecord:
+        """The key presented in `authorization`; `source` is the caller's address key (source_key), for
+        limiting wrong keys. Every `invalid_admin_key` answer counts against the address, a repeated one too:
+        the bootstrap key may be a chosen string, so guesses must stay few."""
         scheme, _, presented = (authorization or "").partition(" ")
         presented = presented.strip()
         if scheme.lower() != "bearer" or not presented:
             raise _unauthorized("missing_credentials", "Send an admin key as 'Authorization: Bearer <key>'.")
-        if len(presented) > MAX_KEY_LENGTH or not _encodable(presented):
-            raise _unauthorized("invalid_admin_key", "The admin key is not valid.")
-        keys = {key.id: key for key in await self._store.list_admin_keys()}
-        parsed = parse_token(presented, self._key_prefix)
-        candidate = keys.get(parsed.token_id if parsed is not None else BOOTSTRAP_KEY_ID)
-        if candidate is None:
-            raise _unauthorized("invalid_admin_key", "The admin key is not valid.")
-        digest = self._hasher.memo_digest("admin:" + candidate.id, presented)
-        if self._verified.get(digest) == (candidate.id, candidate.key_hash):
-            return candidate
-        if self._failed.get(digest) == (candidate.id, candidate.key_hash):
-            raise _unauthorized("invalid_admin_key", "The admin key is not valid.")
-        if await self._hasher.verify(candidate.key_hash, presented):
-            self._verified.put(digest, candidate.id, candidate.key_hash)
-            return candidate
-        self._failed.put(digest, candidate.id, candidate.key_hash)
+        candidate = None
+        if len(presented) <= MAX_KEY_LENGTH and _encodable(presented):
+            keys = {key.id: key for key in await self._store.list_admin_keys()}
+            parsed = parse_token(presented, self._key_prefix)
+            candidate = keys.get(parsed.token_id if parsed is not None else BOOTSTRAP_KEY_ID)
+        if candidate is not None:
+            digest = self._hasher.memo_digest("admin:" + candidate.id, presented)
+            if self._verified.get(digest) == (candidate.id, candidate.key_hash):
+                return candidate
+        wait = self._failures.retry_after(source)
+        if wait is not None:
+            raise too_many_failures(wait, "Too many wrong admin keys from this address")
+        if candidate is not None and self._failed.get(digest) != (candidate.id, candidate.key_hash):
+            if await self._hasher.verify(candidate.key_hash, presented):
+                self._verified.put(digest, candidate.id, candidate.key_hash)
+                return candidate
+            self._failed.put(digest, candidate.id, candidate.key_hash)
+        self._failures.add(source)
         raise _unauthorized("invalid_admin_key", "The admin key is not valid.")
 
 
@@ -139,19 +167,15 @@ async def admin_auth_middleware(request: web.Request, handler: Handler) -> web.S
     """Authenticate every non-public request; a `viewer` may read, and gets 403 on every change."""
     if is_public(request.path) or (request.path == "/metrics" and request.app[core_key].settings.metrics_public):
         return await handler(request)
+    authenticator = request.app[admin_authenticator_key]
+    source = source_key(parse_address(request.remote)) if request.remote is not None else "unknown"
     try:
-        key = await request.app[admin_authenticator_key].authenticate(request.headers.get(hdrs.AUTHORIZATION))
+        key = await authenticator.authenticate(request.headers.get(hdrs.AUTHORIZATION), source)
     except GatewayError as error:
-        if error.code == "invalid_admin_key":
-            log.warning("admin API: rejected an invalid admin key from %s", request.remote)
-            await request.app[core_key].store.append_audit(
-                AuditEvent(
-                    action="admin_auth.failure",
-                    actor="anonymous",
-                    token_id=None,
-                    details={"source_ip": request.remote, "method": request.method, "path": request.path},
-                )
-            )
+        if error.code in ("invalid_admin_key", "too_many_failures"):
+            details = {"source_ip": request.remote, "method": request.method, "path": request.path}
+            for event in authenticator.failure_audit.events(error.code, source, details):
+                await request.app[core_key].store.append_audit(event)
         raise
     request[admin_key_key] = key
     if key.role != "admin" and request.method not in SAFE_METHODS:

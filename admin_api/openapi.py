@@ -182,23 +182,27 @@ def _json(schema: Schema, description: str, headers: dict[str, Schema] | None = 
     return response
 
 
-def _problem(description: str, *, authenticate: bool = False) -> Schema:
+def _problem(description: str, *, header: str | None = None) -> Schema:
     response: Schema = {
         "description": description,
         "content": {PROBLEM_CONTENT_TYPE: {"schema": _ref("Problem")}},
     }
-    if authenticate:
-        response["headers"] = {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}}
+    if header is not None:
+        response["headers"] = {header: {"required": True, "schema": {"type": "string"}}}
     return response
 
 
 PROBLEMS: dict[str, Schema] = {
     "400": _problem("The request is invalid; `field` names the field or parameter at fault."),
-    "401": _problem("No admin key, or not a valid one.", authenticate=True),
+    "401": _problem("No admin key, or not a valid one.", header="WWW-Authenticate"),
     "403": _problem("The admin key's role may only read (`insufficient_role`)."),
     "404": _problem("There is no such token or admin key."),
     "409": _problem("The last key with the admin role cannot be deleted (`last_admin_key`)."),
     "413": _problem("The body is larger than the admin API accepts."),
+    "429": _problem(
+        "Too many wrong admin keys from this address (`too_many_failures`); retry after `Retry-After` seconds.",
+        header="Retry-After",
+    ),
     "503": _problem("The store is not answering."),
 }
 
@@ -216,7 +220,10 @@ def _operation(
 ) -> Schema:
     """`problems` lists the 4xx/5xx status codes the operation may answer, as space-separated codes."""
     operation: Schema = {"operationId": operation_id, "summary": summary, "responses": {**responses}}
-    for status in problems.split():
+    statuses = problems.split()
+    if "401" in statuses:
+        statuses.append("429")  # wherever a key is checked, wrong keys are limited
+    for status in statuses:
         operation["responses"][status] = {"$ref": f"#/components/responses/Problem{status}"}
     if body is not None:
         operation["requestBody"] = {

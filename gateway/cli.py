@@ -127,7 +127,13 @@ async def run_planes(
 
         async with open_core(settings) as core:
             if "admin" in planes:
-                authenticator = AdminAuthenticator(core.store, core.hasher, prefix=settings.token_prefix)
+                authenticator = AdminAuthenticator(
+                    core.store,
+                    core.hasher,
+                    prefix=settings.token_prefix,
+                    failure_limit=settings.failure_limit_per_source,
+                    failure_window=settings.failure_window,
+                )
                 generated = await authenticator.bootstrap(settings.admin_key)
                 if generated is not None:
                     print(

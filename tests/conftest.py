@@ -267,7 +267,13 @@ async def start_gateway(
         settings = make_settings(**overrides)
         context = open_core(settings) if clock is None else open_core(settings, clock=clock)
         core = await context.__aenter__()
-        authenticator = AdminAuthenticator(core.store, core.hasher, prefix=settings.token_prefix)
+        authenticator = AdminAuthenticator(
+            core.store,
+            core.hasher,
+            prefix=settings.token_prefix,
+            failure_limit=settings.failure_limit_per_source,
+            failure_window=settings.failure_window,
+        )
         await authenticator.bootstrap(settings.admin_key)
         # The access log is on, as it is by default, so tests that look for leaks read its lines too.
         access_log = logging.getLogger("gateway.access")
