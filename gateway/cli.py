@@ -3,6 +3,9 @@
     gateway serve                    proxy and admin API in one process (the embedded default)
     gateway proxy [--workers N]      the data plane only; N processes share the port (SO_REUSEPORT)
     gateway admin                    the control plane only
+
+`--forward-auth-listen HOST:PORT` (serve, proxy) also answers forward-auth requests on that address, from the
+same data plane; without an upstream, `gateway proxy` serves forward-auth alone.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from admin_api.app import create_admin_app
 from gateway import __version__
 from gateway.core import open_core
 from gateway.demo_upstream import create_demo_upstream_app
-from gateway.http_server import HttpRunner
+from gateway.forward_auth import forward_auth_handler_key
+from gateway.http_server import HandlerSite, HttpRunner
 from gateway.metrics.listener import create_metrics_app
 from gateway.proxy_app import create_proxy_app
 from gateway.settings import ListenAddress, Settings, SettingsError, load_settings, parse_listen_address
@@ -62,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
                 nargs="?",
                 const="127.0.0.1:8090",
                 help="also run a demo upstream that echoes requests (default 127.0.0.1:8090) and use it",
+            )
+        if command in ("serve", "proxy"):
+            sub.add_argument(
+                "--forward-auth-listen",
+                dest="forward_auth_listen",
+                metavar="HOST:PORT",
+                help="also answer forward-auth requests (nginx auth_request and the like) on this address",
             )
         if command == "proxy":
             sub.add_argument("--workers", type=int, default=1, help="proxy processes sharing the port")
@@ -160,23 +171,42 @@ async def run_planes(
                 proxy = HttpRunner(
                     create_proxy_app(core),
                     access_log=logging.getLogger("gateway.access") if access else None,
+                    shutdown_timeout=settings.shutdown_timeout,
                 )
                 runners.insert(0, proxy)
                 tls = _server_tls("proxy", settings.proxy_tls_cert, settings.proxy_tls_key)
                 certificates += [tls] if tls is not None else []
-                await _start_site(
-                    proxy,
-                    settings.proxy_listen,
-                    settings.shutdown_timeout,
-                    reuse_port=reuse_port,
-                    ssl_context=tls.context if tls is not None else None,
-                )
-                log.info(
-                    "proxy listening on %s://%s -> %s",
-                    "https" if tls else "http",
-                    settings.proxy_listen,
-                    settings.upstream,
-                )
+                if settings.upstream is not None:
+                    await _start_site(
+                        proxy,
+                        settings.proxy_listen,
+                        settings.shutdown_timeout,
+                        reuse_port=reuse_port,
+                        ssl_context=tls.context if tls is not None else None,
+                    )
+                    log.info(
+                        "proxy listening on %s://%s -> %s",
+                        "https" if tls else "http",
+                        settings.proxy_listen,
+                        settings.upstream,
+                    )
+                else:
+                    await proxy.setup()
+                if (where := settings.forward_auth_listen) is not None:
+                    site = HandlerSite(
+                        proxy,
+                        where.host,
+                        where.port,
+                        handler=proxy.app[forward_auth_handler_key],
+                        backlog=1024,
+                        reuse_port=reuse_port,
+                    )
+                    await site.start()
+                    log.info(
+                        "forward-auth listening on http://%s (%s convention)",
+                        where,
+                        settings.forward_auth_convention,
+                    )
             if settings.metrics_listen is not None:
                 where = settings.metrics_listen
                 where = ListenAddress(where.host, where.port + worker if where.port else 0)
@@ -252,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     arguments = _parser().parse_args(argv)
     planes = PLANES[arguments.command]
     overrides: dict[str, Any] = {name: getattr(arguments, name) for name in FLAG_SETTINGS}
+    overrides["forward_auth_listen"] = getattr(arguments, "forward_auth_listen", None)
     demo: ListenAddress | None = None
     workers = getattr(arguments, "workers", 1)
     try:
@@ -259,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             demo = parse_listen_address(arguments.demo_upstream)
             overrides["upstream"] = overrides["upstream"] or f"http://{demo}"
         settings = load_settings(config_path=arguments.config, overrides=overrides)
-        if "proxy" in planes:
+        if "proxy" in planes and settings.forward_auth_listen is None:
             settings.require_upstream()
         if arguments.command != "serve" and settings.redis_url is None:
             raise SettingsError(

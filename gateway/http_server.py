@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from time import perf_counter
-from typing import cast
+from typing import Any, cast
 
 import httptools
 from aiohttp import web
@@ -284,9 +284,9 @@ class HttpRequest:
 class HttpConnection(asyncio.Protocol):
     """One client connection: parse, queue requests in order, run the handler on each, write the answers."""
 
-    def __init__(self, server: HttpServer) -> None:
+    def __init__(self, server: HttpServer, handler: RequestHandler) -> None:
         self._server = server
-        self._handler = server.handler
+        self._handler = handler
         self.loop = server.loop
         self._limits = server.limits
         self._parser = httptools.HttpRequestParser(self)
@@ -706,7 +706,12 @@ class HttpServer:
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def __call__(self) -> HttpConnection:
-        return HttpConnection(self)
+        return HttpConnection(self, self.handler)
+
+    def serving(self, handler: RequestHandler) -> Callable[[], HttpConnection]:
+        """A protocol factory for another port of the same server, whose connections run `handler`: they
+        share the limits, the access log and the graceful stop."""
+        return lambda: HttpConnection(self, handler)
 
     def log_request(self, request: HttpRequest, elapsed: float) -> None:
         assert self.access_log is not None
@@ -771,3 +776,30 @@ class HttpRunner(web.AppRunner):
             metrics=self.app.get(http_metrics_key),
         )
         return server  # type: ignore[return-value]
+
+
+class HandlerSite(web.TCPSite):
+    """A port of an `HttpRunner` served by another handler of the same Application (forward-auth beside the
+    proxy): one lifecycle, one set of connections drained on stop."""
+
+    __slots__ = ("_handler",)
+
+    def __init__(self, runner: HttpRunner, host: str, port: int, *, handler: RequestHandler, **kwargs: Any) -> None:
+        super().__init__(runner, host, port, **kwargs)
+        self._handler = handler
+
+    async def start(self) -> None:
+        self._runner._reg_site(self)
+        server = self._runner.server
+        assert isinstance(server, HttpServer)
+        self._server = await asyncio.get_running_loop().create_server(
+            server.serving(self._handler),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

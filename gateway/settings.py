@@ -22,6 +22,8 @@ from gateway.secrets import Argon2Parameters
 from gateway.token_format import PREFIX_PATTERN
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.toml")
+# forward_auth.py: where each calling proxy names the original request.
+FORWARD_AUTH_CONVENTIONS = ("nginx", "traefik", "caddy", "envoy")
 
 
 class SettingsError(ValueError):
@@ -95,6 +97,9 @@ class Settings:
     metrics_public: bool
     metrics_listen: ListenAddress | None
     metrics_token_labels: bool
+    forward_auth_listen: ListenAddress | None
+    forward_auth_convention: str
+    forward_auth_path_prefix: str
     argon2: Argon2Parameters
     access_levels: Mapping[str, AccessLevel] = field(repr=False)
 
@@ -266,6 +271,22 @@ def _as_key_prefix(raw: Any) -> str:
     return text
 
 
+def _as_convention(raw: Any) -> str:
+    text = _as_str(raw).strip().lower()
+    if text not in FORWARD_AUTH_CONVENTIONS:
+        raise ValueError(f"must be one of {', '.join(FORWARD_AUTH_CONVENTIONS)}, got {text!r}")
+    return text
+
+
+def _as_path_prefix(raw: Any) -> str:
+    text = _as_str(raw).strip()
+    if not text.startswith("/") or text.endswith("/") or not text.isascii() or normalize_path(text) != text:
+        raise ValueError(f"must be a normalised path without a trailing slash, such as /auth, got {text!r}")
+    if "?" in text or "#" in text or "%" in text:
+        raise ValueError(f"must be a plain path without a query, got {text!r}")
+    return text
+
+
 def _as_health_path(raw: Any) -> str:
     """A path matched exactly against normalised request paths, so it must be in normal form itself."""
     text = _as_str(raw).strip()
@@ -323,6 +344,9 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "metrics_public": _as_bool,
     "metrics_listen": parse_listen_address,
     "metrics_token_labels": _as_bool,
+    "forward_auth_listen": parse_listen_address,
+    "forward_auth_convention": _as_convention,
+    "forward_auth_path_prefix": _as_path_prefix,
     "argon2.time_cost": _as_int(1, 100),
     "argon2.memory_cost_kib": _as_int(8, 4 * 1024 * 1024),
     "argon2.parallelism": _as_int(1, 64),
@@ -337,6 +361,8 @@ _OPTIONAL = {
     "proxy_tls_key",
     "proxy_health_path",
     "metrics_listen",
+    "forward_auth_listen",
+    "forward_auth_path_prefix",
 }
 
 
@@ -461,6 +487,9 @@ def load_settings(
         metrics_public=values["metrics_public"],
         metrics_listen=values["metrics_listen"],
         metrics_token_labels=values["metrics_token_labels"],
+        forward_auth_listen=values["forward_auth_listen"],
+        forward_auth_convention=values["forward_auth_convention"],
+        forward_auth_path_prefix=values["forward_auth_path_prefix"] or "",
         argon2=Argon2Parameters(
             time_cost=values["argon2.time_cost"],
             memory_cost_kib=values["argon2.memory_cost_kib"],

@@ -285,3 +285,53 @@ async def test_admin_process_and_two_proxy_workers_share_redis_and_the_store(
                 except TimeoutError:
                     process.kill()
                     await process.wait()
+
+
+async def test_serve_with_forward_auth_and_no_upstream_answers_forward_auth_only(tmp_path: Path) -> None:
+    admin_key = "cli-test-admin-key-0123456789"
+    proxy_port, admin_port, auth_port = _free_port(), _free_port(), _free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--forward-auth-listen", f"127.0.0.1:{auth_port}",
+        env=_environment(
+            tmp_path,
+            GATEWAY_ADMIN_KEY=admin_key,
+            GATEWAY_PROXY_LISTEN=f"127.0.0.1:{proxy_port}",
+            GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{admin_port}",
+        ),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(400):
+                try:
+                    async with session.get(f"http://127.0.0.1:{admin_port}/healthz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            async with session.post(
+                f"http://127.0.0.1:{admin_port}/v1/tokens",
+                json={"name": "nginx", "access_level": "read_only"},
+                headers={"Authorization": f"Bearer {admin_key}"},
+            ) as response:
+                created = await response.json()
+            headers = {
+                "Authorization": f"Bearer {created['token']}",
+                "X-Original-Method": "GET",
+                "X-Original-URI": "/api/posts",
+            }
+            async with session.get(f"http://127.0.0.1:{auth_port}/auth", headers=headers) as response:
+                assert response.status == 200
+                assert response.headers["X-Gateway-Token-Id"] == created["id"]
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with session.get(f"http://127.0.0.1:{proxy_port}/api/posts", headers=headers):
+                    pass
+        process.send_signal(signal.SIGTERM)
+        output = await _stderr_until_exit(process)
+        assert await process.wait() == 0
+        assert f"forward-auth listening on http://127.0.0.1:{auth_port}" in output
+        assert created["token"] not in output
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

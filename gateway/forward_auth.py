@@ -1,0 +1,108 @@
+"""Forward-auth: the gateway's decision (decision.py) answered to a proxy the operator already runs.
+
+The proxy (nginx `auth_request`, Traefik `forwardAuth`, Caddy `forward_auth`, Envoy `ext_authz`) asks before
+each request; the gateway answers 200 with the caller's identity for the proxy to copy upstream, or its own
+401/403/429/400/503 problem+json for the proxy to return. Where the original request's method and target are
+read depends on the proxy (setting forward_auth_convention), and exactly one place is read:
+
+    nginx            X-Original-Method and X-Original-URI (set by the operator's proxy_set_header lines)
+    traefik, caddy   X-Forwarded-Method and X-Forwarded-Uri
+    envoy            the auth request's own method and target, after forward_auth_path_prefix
+
+Reading whichever header is present would let a client choose: Traefik copies every client header to the auth
+request, so a client's own X-Original-URI would be judged in place of the path Traefik forwards. The client
+address is X-Forwarded-For, believed only from trusted_proxies, as on the proxy port; the target is judged by
+the same function the proxy uses.
+
+The auth request carries no body, so a POST is judged as if it had one (with body_method_override on), and
+a level's max_body_bytes is the operator's proxy to enforce.
+"""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from gateway.core import Core
+from gateway.decision import Decider
+from gateway.forward import gateway_headers
+from gateway.http_server import HttpRequest, RequestHandler
+from gateway.problems import GatewayError
+
+forward_auth_handler_key: web.AppKey[RequestHandler] = web.AppKey("forward_auth_handler")
+
+# Where each convention names the original request: (method header, target header), or None when the auth
+# request's own request line is the original (Envoy).
+CONVENTIONS: dict[str, tuple[bytes, bytes] | None] = {
+    "nginx": (b"x-original-method", b"x-original-uri"),
+    "traefik": (b"x-forwarded-method", b"x-forwarded-uri"),
+    "caddy": (b"x-forwarded-method", b"x-forwarded-uri"),
+    "envoy": None,
+}
+_METHOD = re.compile(r"[A-Z]{1,20}(?:-[A-Z]{1,20})?")
+_ALLOWED_HEAD = b"Content-Type: text/plain\r\nCache-Control: no-store\r\n"
+
+
+class ForwardAuthHandler:
+    """Answers one auth request: 200 with identity headers, or the refusal as problem+json."""
+
+    def __init__(self, core: Core, decider: Decider) -> None:
+        settings = core.settings
+        self._usage = core.usage
+        self._decider = decider
+        self._names = CONVENTIONS[settings.forward_auth_convention]
+        self._prefix = settings.forward_auth_path_prefix.encode("ascii")
+
+    async def __call__(self, request: HttpRequest) -> None:
+        authorization, forwarded_for, method, target = self._read(request)
+        decider = self._decider
+        caller = decider.caller(authorization, request.peer, forwarded_for)
+        token = await decider.token(caller)
+        request.token_id = token.record.id
+        decider.judge(token, method, target, caller.client_ip, body=method == "POST")
+        self._usage.record(token.record.id, caller.client_ip)
+        request.respond(200, b"OK", _ALLOWED_HEAD + gateway_headers(token.record.id, token.record.access_level), b"")
+
+    def _read(self, request: HttpRequest) -> tuple[str | None, list[str], str, bytes]:
+        """The Authorization value, the X-Forwarded-For values, and the original method and target."""
+        names = self._names
+        method_name, target_name = names if names is not None else (b"", b"")
+        authorization = None
+        forwarded_for: list[str] = []
+        methods: list[bytes] = []
+        targets: list[bytes] = []
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower == b"authorization":
+                if authorization is None:
+                    authorization = value.decode("latin-1")
+            elif lower == b"x-forwarded-for":
+                forwarded_for.append(value.decode("latin-1"))
+            elif lower == method_name:
+                methods.append(value.strip())
+            elif lower == target_name:
+                targets.append(value.strip())
+        if names is None:
+            return authorization, forwarded_for, request.method, self._envoy_target(request.target)
+        if len(methods) != 1 or len(targets) != 1:
+            raise GatewayError(
+                400,
+                "forward_auth_request_incomplete",
+                f"A forward-auth request names the original request in exactly one {method_name.decode()} and"
+                f" one {target_name.decode()} header.",
+            )
+        method = methods[0].decode("latin-1")
+        if not _METHOD.fullmatch(method):
+            raise GatewayError(400, "bad_request", f"The {method_name.decode()} header is not an HTTP method.")
+        return authorization, forwarded_for, method, targets[0]
+
+    def _envoy_target(self, target: bytes) -> bytes:
+        prefix = self._prefix
+        if not target.startswith(prefix) or target[len(prefix) : len(prefix) + 1] != b"/":
+            raise GatewayError(
+                400,
+                "forward_auth_request_incomplete",
+                "A forward-auth request's target is forward_auth_path_prefix followed by the original path.",
+            )
+        return target[len(prefix) :]
