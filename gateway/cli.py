@@ -25,13 +25,15 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from admin_api.admin_auth import AdminAuthenticator
+from admin_api.admin_auth import AdminAuthenticator, admin_key_key
 from admin_api.app import create_admin_app
 from gateway import __version__
+from gateway.access_log import AccessLog, aiohttp_access_logger
 from gateway.core import open_core
 from gateway.demo_upstream import create_demo_upstream_app
 from gateway.forward_auth import forward_auth_handler_key
 from gateway.http_server import HandlerSite, HttpRunner
+from gateway.log_format import configure_logging
 from gateway.metrics.listener import create_metrics_app
 from gateway.proxy_app import create_proxy_app
 from gateway.settings import ListenAddress, Settings, SettingsError, load_settings, parse_listen_address
@@ -80,12 +82,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    configure_logging(settings.log_level, settings.log_format)
+
+
+def _admin_key_id(request: web.BaseRequest) -> str | None:
+    key = request.get(admin_key_key)
+    return None if key is None else key.id
 
 
 async def _start_site(
@@ -129,7 +131,9 @@ async def run_planes(
     watch = asyncio.create_task(_stop_when_orphaned(parent_pid, stop)) if parent_pid is not None else None
 
     runners: list[web.AppRunner] = []
-    access = settings.access_log
+    access = None
+    if settings.access_log:
+        access = AccessLog.open(settings.access_log_file, json=settings.log_format == "json")
     try:
         if demo_upstream is not None:
             runners.append(web.AppRunner(create_demo_upstream_app(), access_log=None))
@@ -153,9 +157,14 @@ async def run_planes(
                         file=sys.stderr,
                         flush=True,
                     )
-                admin = web.AppRunner(
-                    create_admin_app(core, authenticator),
-                    access_log=logging.getLogger("admin_api.access") if access else None,
+                admin = (
+                    web.AppRunner(
+                        create_admin_app(core, authenticator),
+                        access_log_class=aiohttp_access_logger(access, _admin_key_id),
+                        access_log=logging.getLogger("admin_api.access"),
+                    )
+                    if access is not None
+                    else web.AppRunner(create_admin_app(core, authenticator), access_log=None)
                 )
                 runners.insert(0, admin)
                 tls = _server_tls("admin API", settings.admin_tls_cert, settings.admin_tls_key)
@@ -168,11 +177,7 @@ async def run_planes(
                 )
                 log.info("admin API listening on %s://%s", "https" if tls else "http", settings.admin_listen)
             if "proxy" in planes:
-                proxy = HttpRunner(
-                    create_proxy_app(core),
-                    access_log=logging.getLogger("gateway.access") if access else None,
-                    shutdown_timeout=settings.shutdown_timeout,
-                )
+                proxy = HttpRunner(create_proxy_app(core), access_log=access, shutdown_timeout=settings.shutdown_timeout)
                 runners.insert(0, proxy)
                 tls = _server_tls("proxy", settings.proxy_tls_cert, settings.proxy_tls_key)
                 certificates += [tls] if tls is not None else []
@@ -226,6 +231,8 @@ async def run_planes(
             await runner.cleanup()
         if watch is not None:
             watch.cancel()
+        if access is not None:
+            access.close()  # after the runners: every drained request has its line
     log.info("stopped")
 
 

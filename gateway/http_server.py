@@ -28,6 +28,7 @@ from typing import Any, cast
 import httptools
 from aiohttp import web
 
+from gateway.access_log import AccessLog, path_for_log
 from gateway.metrics import Metrics
 from gateway.problems import GatewayError, problem_bytes
 
@@ -163,6 +164,7 @@ class HttpRequest:
         "_error",
         "body",
         "body_length",
+        "client",
         "code",
         "content_length",
         "headers",
@@ -197,6 +199,7 @@ class HttpRequest:
         self.keep_alive = keep_alive
         self.body = body
         self.peer = conn.peer
+        self.client = conn.peer  # for the access log: the handler puts the address it resolved here
         self.token_id = "-"  # for the access log, once the handler knows it
         self.code = "ok"  # the decision, for metrics: a problem's code when the gateway refused
         self.upstream_seconds = 0.0  # spent waiting for the upstream's response head, for metrics
@@ -488,7 +491,7 @@ class HttpConnection(asyncio.Protocol):
                         raise request._error
                     await handler(request)
                     if not request.started:
-                        log.error("no answer to %s %s", request.method, _path_for_log(request.target))
+                        log.error("no answer to %s %s", request.method, path_for_log(request.target))
                         raise _internal_error()
                 except asyncio.CancelledError:
                     if not self._lost:
@@ -499,7 +502,7 @@ class HttpConnection(asyncio.Protocol):
                 except GatewayError as error:
                     self._answer_problem(request, error)
                 except Exception:
-                    log.exception("unhandled error on %s %s", request.method, _path_for_log(request.target))
+                    log.exception("unhandled error on %s %s", request.method, path_for_log(request.target))
                     self._answer_problem(request, _internal_error())
                 pipeline.popleft()
                 if request.body is not None:
@@ -509,7 +512,15 @@ class HttpConnection(asyncio.Protocol):
                     request.code, request.status, request.token_id, elapsed, request.upstream_seconds
                 )
                 if server.access_log is not None:
-                    server.log_request(request, elapsed)
+                    server.access_log.request(
+                        request.client,
+                        request.token_id,
+                        request.method,
+                        request.target,
+                        request.status,
+                        request.body_length,
+                        elapsed,
+                    )
                 if not request.keep_alive or self._lost:
                     self._close_after_answer(request)
                     return
@@ -680,10 +691,6 @@ def _read_framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None,
     return has_body, length, expect, coding_ok, hosts
 
 
-def _path_for_log(target: bytes) -> str:
-    return target.partition(b"?")[0].decode("utf-8", "replace")
-
-
 class HttpServer:
     """The protocol factory for one listening port, with its connections, sweep timer and graceful stop."""
 
@@ -692,7 +699,7 @@ class HttpServer:
         handler: RequestHandler,
         limits: HttpLimits,
         *,
-        access_log: logging.Logger | None = None,
+        access_log: AccessLog | None = None,
         metrics: Metrics | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
@@ -712,19 +719,6 @@ class HttpServer:
         """A protocol factory for another port of the same server, whose connections run `handler`: they
         share the limits, the access log and the graceful stop."""
         return lambda: HttpConnection(self, handler)
-
-    def log_request(self, request: HttpRequest, elapsed: float) -> None:
-        assert self.access_log is not None
-        self.access_log.info(
-            '%s "%s %s" %d %d token=%s %.1fms',
-            request.peer,
-            request.method,
-            _path_for_log(request.target),
-            request.status,
-            request.body_length,
-            request.token_id,
-            elapsed * 1000,
-        )
 
     def _sweep(self) -> None:
         now = self.loop.time()
@@ -772,7 +766,7 @@ class HttpRunner(web.AppRunner):
         server = HttpServer(
             self.app[http_handler_key],
             self.app[http_limits_key],
-            access_log=access_log if isinstance(access_log, logging.Logger) else None,
+            access_log=access_log if isinstance(access_log, AccessLog) else None,
             metrics=self.app.get(http_metrics_key),
         )
         return server  # type: ignore[return-value]

@@ -65,6 +65,7 @@ class ProxyHandler:
         if not isinstance(seen, _SeenHeaders) or seen.headers != request.headers:
             seen = request.connection_state = self._read_headers(request)
         caller = seen.caller
+        request.client = seen.client_text
         decider = self._decider
         token = decider.accept_known(caller.identified) or await decider.authenticate(caller)
         token_id = request.token_id = token.record.id
@@ -103,11 +104,12 @@ class _SeenHeaders:
     the same headers on every request of a connection, so comparing the list (in C) replaces reading them
     again; the token itself is still judged against its cache entry on every request."""
 
-    __slots__ = ("caller", "decision", "headers", "upstream_head")
+    __slots__ = ("caller", "client_text", "decision", "headers", "upstream_head")
 
     def __init__(self, headers: list[tuple[bytes, bytes]], caller: Caller, upstream_head: bytes) -> None:
         self.headers = headers
         self.caller = caller
+        self.client_text = None if caller.client_ip is None else caller.client_ip.text  # for the access log
         self.upstream_head = upstream_head
         self.decision: _Decision | None = None
 

@@ -91,6 +91,7 @@ class Settings:
     proxy_tls_cert: Path | None
     proxy_tls_key: Path | None
     log_level: str
+    log_format: str
     access_log: bool
     proxy_health_path: str | None
     body_method_override: bool
@@ -100,6 +101,7 @@ class Settings:
     forward_auth_listen: ListenAddress | None
     forward_auth_convention: str
     forward_auth_path_prefix: str
+    access_log_file: Path | None
     argon2: Argon2Parameters
     access_levels: Mapping[str, AccessLevel] = field(repr=False)
 
@@ -304,6 +306,26 @@ def _as_log_level(raw: Any) -> str:
     return text
 
 
+def _as_log_format(raw: Any) -> str:
+    text = _as_str(raw).strip().lower()
+    if text not in {"text", "json"}:
+        raise ValueError("must be text or json")
+    return text
+
+
+def _as_log_file(raw: Any) -> Path:
+    """A file the gateway can append to (created if missing): checked here, so that a typo stops start-up."""
+    path = Path(_as_str(raw).strip())
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{str(path)!r} is not writable")
+    elif not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{str(path)!r} cannot be created (is its directory there and writable?)")
+    return path
+
+
 _CASTS: dict[str, Callable[[Any], Any]] = {
     "upstream": _as_upstream,
     "proxy_listen": parse_listen_address,
@@ -338,6 +360,7 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "proxy_tls_cert": _as_file,
     "proxy_tls_key": _as_file,
     "log_level": _as_log_level,
+    "log_format": _as_log_format,
     "access_log": _as_bool,
     "proxy_health_path": _as_health_path,
     "body_method_override": _as_bool,
@@ -347,6 +370,7 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "forward_auth_listen": parse_listen_address,
     "forward_auth_convention": _as_convention,
     "forward_auth_path_prefix": _as_path_prefix,
+    "access_log_file": _as_log_file,
     "argon2.time_cost": _as_int(1, 100),
     "argon2.memory_cost_kib": _as_int(8, 4 * 1024 * 1024),
     "argon2.parallelism": _as_int(1, 64),
@@ -363,6 +387,7 @@ _OPTIONAL = {
     "metrics_listen",
     "forward_auth_listen",
     "forward_auth_path_prefix",
+    "access_log_file",
 }
 
 
@@ -481,6 +506,7 @@ def load_settings(
         proxy_tls_cert=values["proxy_tls_cert"],
         proxy_tls_key=values["proxy_tls_key"],
         log_level=values["log_level"],
+        log_format=values["log_format"],
         access_log=values["access_log"],
         proxy_health_path=values["proxy_health_path"],
         body_method_override=values["body_method_override"],
@@ -490,6 +516,7 @@ def load_settings(
         forward_auth_listen=values["forward_auth_listen"],
         forward_auth_convention=values["forward_auth_convention"],
         forward_auth_path_prefix=values["forward_auth_path_prefix"] or "",
+        access_log_file=values["access_log_file"],
         argon2=Argon2Parameters(
             time_cost=values["argon2.time_cost"],
             memory_cost_kib=values["argon2.memory_cost_kib"],

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,6 +19,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from admin_api.admin_auth import AdminAuthenticator
 from admin_api.app import create_admin_app
+from gateway.access_log import AccessLog
 from gateway.core import Core, open_core
 from gateway.http_server import HttpRunner
 from gateway.proxy_app import create_proxy_app
@@ -199,7 +199,7 @@ class SettableClock:
 class ProxyTestServer(TestServer):
     """Serves the proxy plane the way `gateway proxy` does: its Application's lifecycle, http_server's port."""
 
-    def __init__(self, app: web.Application, *, access_log: logging.Logger | None = None, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, *, access_log: AccessLog | None = None, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._access_log = access_log
 
@@ -216,6 +216,8 @@ class Gateway:
     admin: TestClient
     database: Path
     _core_context: Any = field(repr=False)
+    access_log: AccessLog | None = None
+    access_log_path: Path | None = None
     closed: bool = False
 
     async def close(self) -> None:
@@ -225,7 +227,17 @@ class Gateway:
             for client in (self.proxy, self.admin):
                 if client is not None:
                     await client.close()
+            if self.access_log is not None:
+                self.access_log.close()
             await self._core_context.__aexit__(None, None, None)
+
+    def access_lines(self) -> list[str]:
+        """The proxy's access log so far (written out first, as the batch timer would)."""
+        if self.access_log is None or self.access_log_path is None:
+            return []
+        if not self.closed:
+            self.access_log.flush()
+        return self.access_log_path.read_text().splitlines()
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -276,14 +288,17 @@ async def start_gateway(
         )
         await authenticator.bootstrap(settings.admin_key)
         # The access log is on, as it is by default, so tests that look for leaks read its lines too.
-        access_log = logging.getLogger("gateway.access")
+        access_log_path = settings.database_path.with_name(f"access-{len(started)}.log")
+        access_log = AccessLog.open(access_log_path, json=settings.log_format == "json")
         proxy = (
             await aiohttp_client(ProxyTestServer(create_proxy_app(core), access_log=access_log))
             if "proxy" in planes
             else None
         )
         admin = await aiohttp_client(create_admin_app(core, authenticator)) if "admin" in planes else None
-        started.append(Gateway(core, proxy, admin, settings.database_path, context))  # type: ignore[arg-type]
+        started.append(
+            Gateway(core, proxy, admin, settings.database_path, context, access_log, access_log_path)  # type: ignore[arg-type]
+        )
         if core.shared is not None and proxy is not None:
             await asyncio.wait_for(core.shared.listener.connected.wait(), timeout=10)
         return started[-1]

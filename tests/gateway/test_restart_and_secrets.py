@@ -59,6 +59,7 @@ async def test_no_secret_in_logs_responses_reprs_or_the_database(
     record = await gateway.core.store.get_token(token_id)
     texts = {
         "logs": caplog.text,
+        "access log": "\n".join(gateway.access_lines()),
         "list": str(listing),
         "get": str(single),
         "audit": str(audit),

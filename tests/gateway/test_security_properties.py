@@ -72,8 +72,11 @@ async def test_whole_lifecycle_with_redis_and_debug_logs_leaks_no_secret(
         await gateway.close()
     database = b"".join(p.read_bytes() for p in admin.database.parent.iterdir() if p.name.startswith("gateway.db"))
 
+    access_lines = "\n".join(replica.access_lines())
+    assert access_lines.count("\n") > 0  # the replica's proxy did log its requests
     for secret in secrets:
         assert secret not in caplog.text
+        assert secret not in access_lines
         assert secret not in "\n".join(responses)
         assert secret.encode() not in redis_bytes
         assert secret.encode() not in database

@@ -54,6 +54,8 @@ def test_a_config_file_may_replace_the_access_levels(tmp_path: Path) -> None:
         ({"GATEWAY_REDIS_URL": "http://redis"}, "GATEWAY_REDIS_URL"),
         ({"GATEWAY_TOKEN_PREFIX": "Bad_Prefix"}, "GATEWAY_TOKEN_PREFIX"),
         ({"GATEWAY_ACCESS_LOG": "maybe"}, "GATEWAY_ACCESS_LOG"),
+        ({"GATEWAY_ACCESS_LOG_FILE": "/nonexistent/dir/access.log"}, "GATEWAY_ACCESS_LOG_FILE"),
+        ({"GATEWAY_LOG_FORMAT": "xml"}, "GATEWAY_LOG_FORMAT"),
         ({"GATEWAY_PROXY_LISTEN": "0.0.0.0:²"}, "GATEWAY_PROXY_LISTEN"),
         ({"GATEWAY_CACHE_MAX_ENTRIES": "many"}, "GATEWAY_CACHE_MAX_ENTRIES"),
     ],
