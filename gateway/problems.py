@@ -10,6 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.store.base import StoreUnavailable
+
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "urn:gateway:problem:"
 
@@ -100,6 +102,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return await handler(request)
     except GatewayError as error:
         return error_response(error)
+    except StoreUnavailable:
+        log.warning("the store failed on %s %s", request.method, request.rel_url.path, exc_info=True)
+        return problem_response(503, "store_unavailable", "The token store is not answering; try again shortly.")
     except web.HTTPException as http_error:
         if http_error.status < 400:
             raise

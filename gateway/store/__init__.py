@@ -1,6 +1,13 @@
 """The store of record. `base` holds the async interface; one module per backend."""
 
-from gateway.store.base import AdminKeyNotFound, InvalidCursor, LastAdminKey, TokenNotFound, TokenStore
+from gateway.store.base import (
+    AdminKeyNotFound,
+    InvalidCursor,
+    LastAdminKey,
+    StoreUnavailable,
+    TokenNotFound,
+    TokenStore,
+)
 from gateway.store.sqlite import SQLiteStore
 
-__all__ = ["AdminKeyNotFound", "InvalidCursor", "LastAdminKey", "SQLiteStore", "TokenNotFound", "TokenStore"]
+__all__ = ["AdminKeyNotFound", "InvalidCursor", "LastAdminKey", "SQLiteStore", "StoreUnavailable", "TokenNotFound", "TokenStore"]

@@ -15,6 +15,10 @@ from gateway.tokens import AdminKeyRecord, AuditEvent, TokenRecord, TokenStatus
 TokenChange = Callable[[TokenRecord], tuple[TokenRecord, AuditEvent]]
 
 
+class StoreUnavailable(Exception):
+    """The store could not be read or written (its file unreadable, its server gone): a 503, never a decision."""
+
+
 class TokenNotFound(LookupError):
     pass
 

@@ -16,7 +16,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.store.base import AdminKeyNotFound, InvalidCursor, LastAdminKey, TokenChange, TokenNotFound
+from gateway.store.base import (
+    AdminKeyNotFound,
+    InvalidCursor,
+    LastAdminKey,
+    StoreUnavailable,
+    TokenChange,
+    TokenNotFound,
+)
 from gateway.tokens import (
     AdminKeyRecord,
     AuditEvent,
@@ -161,7 +168,14 @@ class SQLiteStore:
         if connection is None:
             raise RuntimeError("the store is not open")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, function, connection)
+        try:
+            return await loop.run_in_executor(self._executor, function, connection)
+        except sqlite3.OperationalError as error:  # locked, I/O error, unable to open
+            raise StoreUnavailable(str(error)) from error
+        except sqlite3.DatabaseError as error:
+            if type(error) is not sqlite3.DatabaseError:  # integrity, programming errors: bugs, not outages
+                raise
+            raise StoreUnavailable(str(error)) from error  # "file is not a database", "malformed"
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -196,7 +210,8 @@ class SQLiteStore:
         self._executor.shutdown(wait=True)
 
     async def ping(self) -> None:
-        await self._run(lambda connection: connection.execute("SELECT 1").fetchone())
+        # The schema version is read from the file itself: "SELECT 1" answers even when the file is gone bad.
+        await self._run(lambda connection: connection.execute("PRAGMA schema_version").fetchone())
 
     # --- tokens ----------------------------------------------------------------------------------------
 

@@ -394,3 +394,124 @@ async def test_a_wsgi_upstream_reads_only_the_gateway_s_own_headers(start_gatewa
     assert environ["HTTP_X_GATEWAY_ACCESS_LEVEL"] == "editorial"
     assert environ["HTTP_X_FORWARDED_FOR"] == "127.0.0.1"
     assert "HTTP_X_HTTP_METHOD_OVERRIDE" not in environ and "HTTP_X_ORIGINAL_URL" not in environ
+
+
+async def test_a_trusted_proxy_s_forwarded_proto_host_and_for_are_passed_on(
+    start_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gateway = await start_gateway(trusted_proxies=["127.0.0.1/32"])
+    token = (await gateway.create_token())["token"]
+    response = await gateway.call(
+        token,
+        headers={
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "public.example",
+            "X-Forwarded-For": "203.0.113.5, 10.0.0.2",
+            "Host": "internal.example",
+        },
+    )
+    assert response.status == 200
+    pairs = [(name.lower(), value) for name, value in upstream.last["header_pairs"]]
+    forwarding = [pair for pair in pairs if pair[0].startswith("x-forwarded-")]
+    assert sorted(forwarding) == [
+        ("x-forwarded-for", "203.0.113.5, 10.0.0.2, 127.0.0.1"),
+        ("x-forwarded-host", "public.example"),
+        ("x-forwarded-proto", "https"),
+    ]
+
+
+async def test_a_trusted_proxy_without_forwarded_proto_and_host_gets_the_gateway_s_own(
+    start_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gateway = await start_gateway(trusted_proxies=["127.0.0.1/32"])
+    token = (await gateway.create_token())["token"]
+    response = await gateway.call(token, headers={"Host": "internal.example"})
+    assert response.status == 200
+    headers = upstream.last["headers"]
+    assert (headers["X-Forwarded-Proto"], headers["X-Forwarded-Host"]) == ("http", "internal.example")
+    assert headers["X-Forwarded-For"] == "127.0.0.1"
+
+
+async def test_an_untrusted_peer_s_forwarded_proto_and_host_are_replaced(
+    start_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gateway = await start_gateway(trusted_proxies=["10.0.0.0/8"])
+    token = (await gateway.create_token())["token"]
+    response = await gateway.call(
+        token,
+        headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "forged.example", "Host": "internal.example"},
+    )
+    assert response.status == 200
+    pairs = [(name.lower(), value) for name, value in upstream.last["header_pairs"]]
+    assert sorted(pair for pair in pairs if pair[0].startswith("x-forwarded-")) == [
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-host", "internal.example"),
+        ("x-forwarded-proto", "http"),
+    ]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_an_upstream_breaking_off_mid_response_cuts_the_client_connection(
+    start_gateway: GatewayFactory, framing: str
+) -> None:
+    """Headers are already out: the client must see a broken body (a cut connection), never a short one
+    that looks complete, and the gateway keeps serving."""
+    answered: list[int] = []
+
+    async def breaks_off(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        answered.append(len(head))
+        if b"/whole" in head:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwhole")
+        elif framing == "content-length":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"x" * 1000 + b"\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(breaks_off, "127.0.0.1", 0)
+    try:
+        gateway = await start_gateway(upstream=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        token = (await gateway.create_token())["token"]
+        request = f"GET /download HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy.server.port)
+        try:
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            rest = await asyncio.wait_for(reader.read(), timeout=10)  # until the gateway cuts the connection
+        finally:
+            writer.close()
+        assert head.startswith(b"HTTP/1.1 200 ")
+        if framing == "content-length":
+            assert b"Content-Length: 100000" in head and len(rest) < 100000
+        else:
+            assert b"Transfer-Encoding: chunked" in head and not rest.endswith(b"0\r\n\r\n")
+        assert answered == [answered[0]]
+
+        response = await gateway.call(token, "/whole")  # the gateway still serves
+        assert (response.status, await response.read()) == (200, b"whole")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_upstream_breaking_off_a_small_answer_gets_502(start_gateway: GatewayFactory) -> None:
+    """A small answer is read whole before anything is sent, so its loss can still be a clean 502."""
+
+    async def breaks_off(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(breaks_off, "127.0.0.1", 0)
+    try:
+        gateway = await start_gateway(upstream=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        token = (await gateway.create_token())["token"]
+        response = await gateway.call(token)
+        assert response.status == 502
+        assert (await response.json())["code"] == "upstream_unavailable"
+    finally:
+        server.close()
+        await server.wait_closed()

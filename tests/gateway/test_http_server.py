@@ -519,3 +519,38 @@ async def test_each_method_reaches_the_upstream_as_sent_on_a_reused_connection(
 
     assert statuses == [200, 200, 200, 200, 403, 403, 200]
     assert [request["method"] for request in upstream.requests[seen:]] == ["GET", "HEAD", "OPTIONS", "GET", "HEAD"]
+
+
+@pytest.mark.parametrize("shape", ["one large field", "many fields"])
+async def test_oversized_request_trailers_are_refused_with_431_and_close(
+    gateway: Gateway, connect: object, upstream: Upstream, shape: str
+) -> None:
+    token = (await gateway.create_token())["token"]
+    client = await connect()  # type: ignore[operator]
+    if shape == "one large field":
+        trailers = b"X-Big: " + b"a" * 9000 + b"\r\n"
+    else:
+        trailers = b"".join(b"X-T-%d: %s\r\n" % (index, b"v" * 100) for index in range(100))
+    # The body is held back by its missing last chunk, so the trailers arrive while it is being streamed.
+    await client.send(_post("/sha256", token, "Transfer-Encoding: chunked\r\n") + b"5\r\nhello\r\n")
+    await client.send(b"0\r\n" + trailers + b"\r\n")
+
+    status, headers, body = await client.response()
+
+    assert status == 431 and headers["connection"] == "close"
+    assert json.loads(body)["code"] == "headers_too_large"
+    assert "trailer" in json.loads(body)["detail"]
+    assert await client.closed_by_server()
+
+
+async def test_request_trailers_just_under_the_limit_are_accepted(
+    gateway: Gateway, connect: object, upstream: Upstream
+) -> None:
+    token = (await gateway.create_token())["token"]
+    client = await connect()  # type: ignore[operator]
+    field = b"X-Big: " + b"a" * (8190 - len(b"X-Big") - 4) + b"\r\n"  # name, value, ": " and CRLF: 8190 bytes
+
+    await client.send(_post("/sha256", token, "Transfer-Encoding: chunked\r\n") + b"5\r\nhello\r\n0\r\n" + field + b"\r\n")
+    status, _, body = await client.response()
+
+    assert status == 200 and json.loads(body) == {"sha256": hashlib.sha256(b"hello").hexdigest(), "size": 5}
