@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.client_ip import ClientAddress, parse_address
-from gateway.ranges import compile_ranges, normalize_range
+from gateway.ranges import RangeError, compile_ranges, normalize_range, normalize_ranges
 
 PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None)
 
@@ -91,3 +91,85 @@ def test_merged_adjacent_and_nested_ranges_keep_their_edges(
         assert _address(text) in compiled, text
     for text in outside:
         assert _address(text) not in compiled, text
+
+
+NOT_AN_ADDRESS = "is not an IPv4/IPv6 address or CIDR"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # Surrounding space is refused as such, before the prefix is read ("8 " would be a bad prefix).
+        ("10.0.0.0/8 ", f"'10.0.0.0/8 ' {NOT_AN_ADDRESS}"),
+        (" 10.0.0.0/8", f"' 10.0.0.0/8' {NOT_AN_ADDRESS}"),
+        ("", f"'' {NOT_AN_ADDRESS}"),
+        # At most 64 characters: a 64-character text is read (and its prefix refused), a 65-character one is not.
+        ("10.0.0.0/" + "0" * 55, "'10.0.0.0/" + "0" * 55 + "' has an invalid prefix length /" + "0" * 55),
+        ("10.0.0.0/" + "0" * 56, "'10.0.0.0/" + "0" * 56 + f"' {NOT_AN_ADDRESS}"),
+        ("10.0.0.0/33", "'10.0.0.0/33' has an invalid prefix length /33"),
+        ("2001:db8::/129", "'2001:db8::/129' has an invalid prefix length /129"),
+        ("10.0.0.0/-1", "'10.0.0.0/-1' has an invalid prefix length /-1"),
+        ("10.0.0.0/", "'10.0.0.0/' has an invalid prefix length /"),
+        ("10.0.0.0/٣", "'10.0.0.0/٣' has an invalid prefix length /٣"),
+        ("10.0.0.0/0008", "'10.0.0.0/0008' has an invalid prefix length /0008"),
+        ("127.1", f"'127.1' {NOT_AN_ADDRESS}"),
+        ("010.0.0.1", f"'010.0.0.1' {NOT_AN_ADDRESS}"),
+    ],
+)
+def test_a_bad_range_is_refused_with_a_message_naming_it(text: str, message: str) -> None:
+    with pytest.raises(RangeError) as refused:
+        normalize_range(text)
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("value", [5, None, 10.0, b"10.0.0.0/8", ["10.0.0.0/8"]])
+def test_a_range_that_is_not_text_is_a_range_error(value: object) -> None:
+    with pytest.raises(RangeError) as refused:
+        normalize_range(value)  # type: ignore[arg-type]
+    assert str(refused.value) == f"{value!r} {NOT_AN_ADDRESS}"
+
+
+@pytest.mark.parametrize(
+    ("text", "normalized"),
+    [
+        ("10.0.0.5/8", "10.0.0.0/8"),
+        ("10.1.2.3", "10.1.2.3/32"),
+        ("010.0.0.0/008", None),
+        ("2001:db8::1", "2001:db8::1/128"),
+        ("::ffff:10.0.0.0/104", "10.0.0.0/8"),
+        ("::ffff:10.1.2.3", "10.1.2.3/32"),
+        ("::ffff:0.0.0.0/96", "0.0.0.0/0"),
+        ("::ffff:0:0/95", "::fffe:0:0/95"),  # /95 reaches outside the mapped block: stays IPv6
+        ("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255/128", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"),
+        ("10.0.0.0/000", "0.0.0.0/0"),
+    ],
+)
+def test_ranges_normalize_to_one_spelling(text: str, normalized: str | None) -> None:
+    if normalized is None:
+        with pytest.raises(RangeError):
+            normalize_range(text)
+    else:
+        assert normalize_range(text) == normalized
+
+
+def test_normalize_ranges_keeps_the_first_of_each_and_the_order() -> None:
+    assert normalize_ranges(["10.0.0.5/8", "::1", "10.9.9.9/8", "192.0.2.1"]) == (
+        "10.0.0.0/8", "::1/128", "192.0.2.1/32"
+    )
+    assert normalize_ranges([]) == ()
+
+
+def test_compiled_ranges_show_their_merged_spans() -> None:
+    compiled = compile_ranges(["10.0.0.0/9", "10.128.0.0/9", "192.0.2.7", "2001:db8::/127"])
+    assert repr(compiled) == (
+        "AllowedRanges(['10.0.0.0-10.255.255.255', '192.0.2.7-192.0.2.7', '2001:db8::-2001:db8::1'])"
+    )
+
+
+def test_ranges_one_address_apart_stay_apart() -> None:
+    compiled = compile_ranges(["192.0.2.1", "192.0.2.3", "192.0.2.4/31"])
+    assert repr(compiled) == "AllowedRanges(['192.0.2.1-192.0.2.1', '192.0.2.3-192.0.2.5'])"
+    assert compiled is not None
+    assert [_address(f"192.0.2.{last}") in compiled for last in range(7)] == [
+        False, True, False, True, True, True, False
+    ]
