@@ -255,6 +255,7 @@ async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
 
 
 def _proxy_worker(settings: Settings, parent_pid: int, worker: int) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload relayed before the loop runs must not kill us
     _configure_logging(settings)
     try:
         _run(run_planes(settings, ("proxy",), reuse_port=True, parent_pid=parent_pid, worker=worker))

@@ -252,3 +252,75 @@ def test_a_proxy_certificate_without_its_key_stops_start_up(tmp_path: Path) -> N
     cert, _ = make_certificate(tmp_path, "alone")
     with pytest.raises(SettingsError, match="'proxy_tls_cert' and 'proxy_tls_key' must be given together"):
         load_settings(environ={"GATEWAY_PROXY_TLS_CERT": str(cert)})
+
+
+async def test_sighup_to_proxy_workers_reloads_the_certificate_in_each_of_them(
+    tmp_path: Path, upstream: Upstream, redis_url: str
+) -> None:
+    first_cert, first_key = make_certificate(tmp_path, "first")
+    second_cert, second_key = make_certificate(tmp_path, "second")
+    cert, key = tmp_path / "proxy.crt", tmp_path / "proxy.key"
+    shutil.copy(first_cert, cert)
+    shutil.copy(first_key, key)
+    port = _free_port()
+    environment = {name: item for name, item in os.environ.items() if not name.startswith("GATEWAY_")}
+    environment.update(
+        GATEWAY_UPSTREAM=upstream.url,
+        GATEWAY_REDIS_URL=redis_url,
+        GATEWAY_PROXY_LISTEN=f"127.0.0.1:{port}",
+        GATEWAY_DATABASE_URL=f"sqlite:///{tmp_path / 'workers.db'}",
+        GATEWAY_PROXY_TLS_CERT=str(cert),
+        GATEWAY_PROXY_TLS_KEY=str(key),
+        GATEWAY_ACCESS_LOG="false",
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "proxy",
+        "--workers",
+        "2",
+        env=environment,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    trusting_both = _client_context(first_cert, second_cert)
+
+    async def names(count: int) -> list[str]:
+        """The certificate names of `count` new connections (the kernel spreads them over the workers)."""
+        seen = []
+        for _ in range(count):
+            try:
+                connection = await Connection.open(port, trusting_both)
+            except OSError:
+                seen.append("")
+                continue
+            seen.append(connection.certificate_name)
+            await connection.close()
+        return seen
+
+    try:
+        assert process.stderr is not None
+        listening = 0
+        while listening < 2:  # both workers have loaded the first certificate
+            line = await asyncio.wait_for(process.stderr.readline(), timeout=60)
+            assert line, "the workers exited"
+            listening += b"proxy listening on https://" in line
+        assert await names(4) == ["first"] * 4
+        shutil.copy(second_cert, cert)
+        shutil.copy(second_key, key)
+        process.send_signal(signal.SIGHUP)
+        for _ in range(200):
+            if await names(20) == ["second"] * 20:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("a worker kept the old certificate")
+        assert process.returncode is None
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), timeout=30)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
