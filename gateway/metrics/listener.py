@@ -12,11 +12,14 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
+from gateway.client_ip import parse_address
 from gateway.core import Core, core_key
+from gateway.failure_limits import source_key
 from gateway.metrics.exposition import CONTENT_TYPE, render
 from gateway.problems import problem_middleware
 
-Authenticate = Callable[[str | None], Awaitable[object]]
+# (the Authorization header, the caller's address key for limiting wrong keys: failure_limits.source_key)
+Authenticate = Callable[[str | None, str], Awaitable[object]]
 authenticate_key: web.AppKey[Authenticate | None] = web.AppKey("metrics_authenticate")
 
 
@@ -30,7 +33,8 @@ async def metrics_response(core: Core) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     authenticate = request.app[authenticate_key]
     if authenticate is not None:
-        await authenticate(request.headers.get(hdrs.AUTHORIZATION))
+        source = source_key(parse_address(request.remote)) if request.remote is not None else "unknown"
+        await authenticate(request.headers.get(hdrs.AUTHORIZATION), source)
     return await metrics_response(request.app[core_key])
 
 
