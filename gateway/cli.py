@@ -18,6 +18,7 @@ import os
 import signal
 import ssl
 import sys
+import tomllib
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,15 @@ from gateway.http_server import HandlerSite, HttpRunner
 from gateway.log_format import configure_logging
 from gateway.metrics.listener import create_metrics_app
 from gateway.proxy_app import create_proxy_app
-from gateway.settings import ListenAddress, Settings, SettingsError, load_settings, parse_listen_address
+from gateway.settings import (
+    DEFAULT_CONFIG_PATH,
+    ListenAddress,
+    Settings,
+    SettingsError,
+    env_name,
+    load_settings,
+    parse_listen_address,
+)
 from gateway.tls import ServerTls
 
 log = logging.getLogger("gateway")
@@ -44,11 +53,34 @@ log = logging.getLogger("gateway")
 FLAG_SETTINGS = (
     "upstream", "proxy_listen", "admin_listen", "database_url", "redis_url", "trusted_proxies", "log_level"
 )
+FLAG_HELP = {
+    "upstream": "URL of the API the gateway protects (required for the proxy)",
+    "proxy_listen": "HOST:PORT the proxy listens on",
+    "admin_listen": "HOST:PORT the admin API listens on (keep it on loopback or a private network)",
+    "database_url": "the store: sqlite:///RELATIVE/PATH or sqlite:////ABSOLUTE/PATH",
+    "redis_url": "Redis shared by every gateway process: redis://, rediss:// or unix:// URL",
+    "trusted_proxies": "comma-separated addresses/CIDRs whose X-Forwarded-For is believed",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "forward_auth_listen": "also answer forward-auth requests (nginx auth_request and the like) on this HOST:PORT",
+}
 PLANES = {"serve": ("proxy", "admin"), "proxy": ("proxy",), "admin": ("admin",)}
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description="API-token authentication gateway")
+def _setting_help(name: str, defaults: dict[str, Any]) -> str:
+    """A flag's help: what it sets, its environment variable, and the packaged default."""
+    default = defaults.get(name)
+    shown = "" if default in (None, "", []) else f", default {default}"
+    return f"{FLAG_HELP[name]} ({env_name(name)}{shown})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="API-token authentication gateway. Settings come from the config file, then GATEWAY_*"
+        " environment variables, then these flags; config/gateway.toml documents every one.",
+    )
+    with DEFAULT_CONFIG_PATH.open("rb") as file:
+        defaults = tomllib.load(file)
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     helps = {
@@ -57,27 +89,37 @@ def _parser() -> argparse.ArgumentParser:
         "admin": "run the admin API only (with GATEWAY_REDIS_URL, beside separate proxy processes)",
     }
     for command, text in helps.items():
-        sub = commands.add_parser(command, help=text)
-        sub.add_argument("--config", help="TOML config file (default: $GATEWAY_CONFIG, else built-in defaults)")
+        sub = commands.add_parser(command, help=text, description=text)
+        sub.add_argument(
+            "--config", help="TOML config file (GATEWAY_CONFIG; default: the built-in config/gateway.toml)"
+        )
         for name in FLAG_SETTINGS:
-            sub.add_argument("--" + name.replace("_", "-"), dest=name, metavar=name.upper())
+            sub.add_argument(
+                "--" + name.replace("_", "-"), dest=name, metavar=name.upper(), help=_setting_help(name, defaults)
+            )
         if command == "serve":
             sub.add_argument(
                 "--demo-upstream",
                 metavar="HOST:PORT",
                 nargs="?",
                 const="127.0.0.1:8090",
-                help="also run a demo upstream that echoes requests (default 127.0.0.1:8090) and use it",
+                help="also run a demo upstream that echoes requests (default 127.0.0.1:8090) and use it as the"
+                " upstream (no environment variable: for trying the gateway out)",
             )
         if command in ("serve", "proxy"):
             sub.add_argument(
                 "--forward-auth-listen",
                 dest="forward_auth_listen",
                 metavar="HOST:PORT",
-                help="also answer forward-auth requests (nginx auth_request and the like) on this address",
+                help=_setting_help("forward_auth_listen", defaults),
             )
         if command == "proxy":
-            sub.add_argument("--workers", type=int, default=1, help="proxy processes sharing the port")
+            sub.add_argument(
+                "--workers",
+                type=int,
+                default=1,
+                help="proxy processes sharing the port with SO_REUSEPORT, 1-64 (no environment variable; default 1)",
+            )
     return parser
 
 
@@ -287,7 +329,7 @@ def _run_workers(settings: Settings, workers: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    arguments = _parser().parse_args(argv)
+    arguments = build_parser().parse_args(argv)
     planes = PLANES[arguments.command]
     overrides: dict[str, Any] = {name: getattr(arguments, name) for name in FLAG_SETTINGS}
     overrides["forward_auth_listen"] = getattr(arguments, "forward_auth_listen", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -13,6 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.cli import FLAG_SETTINGS, build_parser
+from gateway.settings import _CASTS, env_name
 from tests.conftest import Upstream
 
 Serve = Callable[..., Awaitable[asyncio.subprocess.Process]]
@@ -46,6 +49,35 @@ async def _run_to_exit(tmp_path: Path, *arguments: str, **environment: str) -> t
     )
     _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
     return process.returncode or 0, stderr.decode()
+
+
+def test_every_flag_of_every_subcommand_is_described_and_names_its_environment_variable() -> None:
+    commands = next(
+        action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)
+    )
+    assert set(commands.choices) >= {"serve", "proxy", "admin"}
+    for command, parser in commands.choices.items():
+        flags = [action for action in parser._actions if action.option_strings and action.dest != "help"]
+        assert flags, command
+        for action in flags:
+            assert action.help and len(action.help) > 20, (command, action.option_strings)
+            if action.dest in _CASTS:
+                assert env_name(action.dest) in action.help, (command, action.option_strings)
+        for name in FLAG_SETTINGS:
+            assert any(action.dest == name for action in flags), (command, name)
+
+
+async def test_serve_help_lists_the_flags_with_their_environment_variables(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--help",
+        env=_environment(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    text = " ".join(stdout.decode().split())  # argparse wraps lines
+    assert process.returncode == 0
+    for flag, variable in (("--upstream", "GATEWAY_UPSTREAM"), ("--redis-url", "GATEWAY_REDIS_URL")):
+        assert flag in text and variable in text
+    assert "default 0.0.0.0:8080" in text
 
 
 async def test_missing_upstream_stops_start_up_with_one_clear_line(tmp_path: Path) -> None:
