@@ -88,7 +88,10 @@ STAGES = (
     ),
     ("failure limits", ("(gateway/failure_limits.py)",)),
     ("client IP and IP ranges", ("(gateway/client_ip.py)", "(gateway/ranges.py)", "(netaddr/")),
-    ("access level: normalize_path, permits", ("(gateway/access_levels.py)",)),
+    (
+        "request target and access level: read_target, permits",
+        ("(gateway/request_target.py)", "(gateway/access_levels.py)"),
+    ),
     ("usage recording", ("(gateway/usage.py)",)),
     (
         "request head and response headers (forward.py)",

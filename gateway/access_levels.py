@@ -1,20 +1,22 @@
 """Access levels: named rule sets of methods and path patterns, compiled once at start-up.
 
-A pattern is a path of segments where `*` matches one segment (or part of one, as in `v*`) and `**` matches
-any number of segments, including none. Rules see the path after percent-decoding and resolving `.` and `..`,
-so `/api/%75sers` and `/api/./x/../users` meet the rule for `/api/users`; the raw path is still what is
-forwarded upstream.
+A pattern is a path of segments where `*` matches one non-empty segment (or part of one, as in `v*`) and `**`
+matches any number of segments, including none; a pattern matches with or without a trailing slash, as
+routers that are not strict about slashes route both. Rules judge the canonical path of request_target.py,
+decoded, which is also the path forwarded upstream: `/api/%75sers` and `/api/./x/../users` meet the rule for
+`/api/users` and reach the upstream as `/api/users`.
+
+Case (`access_rule_case`): many upstreams route without regard to case (Express by default, ASP.NET), so by
+default a deny rule matches any case (`/API/Users` cannot dodge a deny of `/api/users/**`) while an allow rule
+matches only the case it is written in (an allow never opens more than it says on an upstream that does care).
 """
 
 from __future__ import annotations
 
-import functools
-import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 ALL_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "TRACE", "CONNECT"})
 _METHOD_PATTERN = re.compile(r"[A-Z]{1,20}")
@@ -25,16 +27,12 @@ class AccessLevelConfigError(ValueError):
     pass
 
 
-@functools.lru_cache(maxsize=16384)
-def normalize_path(raw_path: str) -> str:
-    """The path a rule judges: percent-decoded once, dot segments resolved, always absolute."""
-    decoded = unquote(raw_path, errors="surrogateescape")
-    resolved = posixpath.normpath("/" + decoded.lstrip("/"))
-    if resolved.startswith("//"):  # normpath keeps a leading double slash (POSIX); we do not
-        resolved = "/" + resolved.lstrip("/")
-    if decoded.endswith("/") and resolved != "/":
-        resolved += "/"
-    return resolved
+# How rules treat case (the `access_rule_case` setting): which of deny and allow rules ignore it.
+RULE_CASES = {
+    "deny_any_case": (True, False),  # the default: deny ignores case, allow matches the case written
+    "exact": (False, False),  # only for upstreams that route case-sensitively
+    "any_case": (True, True),  # only for upstreams that ignore case: an allow then admits /API/PUBLIC/x too
+}
 
 
 def compile_path_pattern(pattern: str) -> re.Pattern[str]:
@@ -52,7 +50,10 @@ def compile_path_pattern(pattern: str) -> re.Pattern[str]:
             continue
         if "**" in segment:
             raise AccessLevelConfigError(f"path pattern {pattern!r}: '**' must be a whole segment")
-        parts.append("/" + "[^/]*".join(re.escape(piece) for piece in segment.split("*")))
+        if segment == "*":
+            parts.append("/[^/]+")  # a whole segment, never an empty one: "/a/*" does not match "/a/"
+        else:
+            parts.append("/" + "[^/]*".join(re.escape(piece) for piece in segment.split("*")))
         if last and segment:
             parts.append("/?")
     parts.append("$")
@@ -89,7 +90,7 @@ class AccessLevel:
         return False
 
 
-def _parse_rule(level: str, where: str, raw: Any) -> Rule:
+def _parse_rule(level: str, where: str, raw: Any, *, ignore_case: bool) -> Rule:
     context = f"access_levels.{level}.{where}"
     if not isinstance(raw, Mapping):
         raise AccessLevelConfigError(f"{context}: each rule is a table with 'methods' and 'paths'")
@@ -112,14 +113,17 @@ def _parse_rule(level: str, where: str, raw: Any) -> Rule:
         else:
             raise AccessLevelConfigError(f"{context}.methods: {method!r} is not an HTTP method")
     try:
-        compiled = re.compile("|".join(f"(?:{compile_path_pattern(p).pattern})" for p in paths))
+        compiled = re.compile(
+            "|".join(f"(?:{compile_path_pattern(p).pattern})" for p in paths), re.IGNORECASE if ignore_case else 0
+        )
     except AccessLevelConfigError as error:
         raise AccessLevelConfigError(f"{context}: {error}") from None
     return Rule(frozenset(methods), tuple(paths), compiled)
 
 
-def parse_access_levels(raw: Any) -> dict[str, AccessLevel]:
-    """Validate and compile the `[access_levels]` table of the config."""
+def parse_access_levels(raw: Any, *, rule_case: str = "deny_any_case") -> dict[str, AccessLevel]:
+    """Validate and compile the `[access_levels]` table of the config; `rule_case` is one of RULE_CASES."""
+    deny_ignores_case, allow_ignores_case = RULE_CASES[rule_case]
     if not isinstance(raw, Mapping) or not raw:
         raise AccessLevelConfigError("access_levels must define at least one level")
     levels: dict[str, AccessLevel] = {}
@@ -147,8 +151,8 @@ def parse_access_levels(raw: Any) -> dict[str, AccessLevel]:
             name=name,
             description=description,
             max_body_bytes=max_body,
-            allow=tuple(_parse_rule(name, "allow", rule) for rule in allow_raw),
-            deny=tuple(_parse_rule(name, "deny", rule) for rule in deny_raw),
+            allow=tuple(_parse_rule(name, "allow", rule, ignore_case=allow_ignores_case) for rule in allow_raw),
+            deny=tuple(_parse_rule(name, "deny", rule, ignore_case=deny_ignores_case) for rule in deny_raw),
         )
     return levels
 

@@ -1,7 +1,7 @@
 """The decision both ways in share: may this token make this request from this address?
 
 credentials (credentials.py) -> token and secret (authenticator.py) -> client address (client_ip.py) ->
-allowed ranges (ranges.py) -> access level (access_levels.py)
+allowed ranges (ranges.py) -> the target's one reading (request_target.py) -> access level (access_levels.py)
 
 The proxy (proxy_app.py) forwards what was allowed; forward-auth (forward_auth.py) tells another proxy the
 answer. Both read the caller and judge the target with these functions alone, so a request gets the same answer
@@ -13,13 +13,13 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from gateway.access_levels import normalize_path
 from gateway.authenticator import Authenticator, IdentifiedToken
 from gateway.client_ip import ClientAddress, ClientIpResolver
 from gateway.credentials import presented_token
 from gateway.failure_limits import source_key
 from gateway.forward import BODY_OVERRIDE_METHODS, refuse_method_override
 from gateway.problems import GatewayError
+from gateway.request_target import RequestTarget, read_target
 from gateway.settings import Settings
 from gateway.token_cache import CachedToken
 
@@ -37,8 +37,10 @@ class Caller(NamedTuple):
 
 
 class Verdict(NamedTuple):
-    """A request allowed: the body limit, and whether a body is allowed at all."""
+    """A request allowed: the target as judged (the proxy forwards exactly its path), the body limit, and
+    whether a body is allowed at all."""
 
+    target: RequestTarget
     max_body: int
     body_allowed: bool  # False for a POST whose body could name a method the level withholds
 
@@ -103,8 +105,9 @@ class Decider:
             raise GatewayError(
                 403, "ip_not_allowed", f"This token may not be used from {client_ip or 'this address'}."
             )
+        read = read_target(target)  # a 400 if no reading is shared by every common router
+        path = read.judged
         level = token.access_level
-        path = normalize_path(target.partition(b"?")[0].decode("utf-8", "surrogateescape"))
         if level is None or not level.permits(method, path):
             raise GatewayError(
                 403,
@@ -120,7 +123,7 @@ class Decider:
         )
         if body and not body_allowed:
             raise body_method_refused(token)
-        return Verdict(max_body, body_allowed)
+        return Verdict(read, max_body, body_allowed)
 
 
 def body_method_refused(token: CachedToken) -> GatewayError:

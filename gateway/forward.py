@@ -18,6 +18,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 from gateway.http_server import HttpRequest, RequestBody, date_header
 from gateway.problems import GatewayError
+from gateway.request_target import RequestTarget
 from gateway.upstream_client import (
     HOP_BY_HOP_HEADERS,
     UpstreamConnectError,
@@ -234,7 +235,13 @@ class UpstreamForwarder:
         self.host = parts.netloc.rpartition("@")[2].encode("idna")
         self._body_timeout = body_timeout
 
-    async def forward(self, request: HttpRequest, head: bytes, *, max_body: int) -> None:
+    def upstream_target(self, target: RequestTarget) -> str:
+        """The target sent upstream: the judged (canonical) path under the upstream URL's base path, and the
+        query as the client sent it. A canonical path has no dot segment, so it never leaves the base path."""
+        return self._base_path + target.path + target.query
+
+    async def forward(self, request: HttpRequest, target: str, head: bytes, *, max_body: int) -> None:
+        """Send `request` upstream as `target` (from `upstream_target`) with `head`, and relay the answer."""
         guard: _BodyGuard | None = None
         body: AsyncIterator[bytes] | bytes | None = None
         if request.body is not None:
@@ -247,7 +254,7 @@ class UpstreamForwarder:
         try:
             upstream = await self._pool.request(
                 request.method,
-                self._base_path + request.target.decode("utf-8", "surrogateescape"),
+                target,
                 head,
                 body,
                 content_length=length,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from gateway.access_levels import normalize_path
+from gateway.request_target import TargetRefused, canonical_path
 from gateway.core import Core
 
 CHECK_TIMEOUT = 2.0
@@ -57,11 +57,11 @@ class HealthProbe:
         if path == self.path:
             return True
         if b"%" not in path and b"/." not in path and b"//" not in path:
-            return False  # nothing to decode or resolve: the path is its own normal form
-        return (
-            normalize_path(path.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
-            == self.path
-        )
+            return False  # nothing to decode or resolve: the path is its own canonical form
+        try:
+            return canonical_path(path.decode("latin-1")).encode("latin-1") == self.path
+        except TargetRefused:
+            return False  # refused with 400 once authenticated, like any ambiguous path
 
     async def answer(self) -> tuple[int, bytes]:
         """The status and body, from a check at most `max_age` seconds old."""

@@ -1,7 +1,8 @@
 """The data plane: every request is checked in order, then forwarded upstream.
 
 credentials (credentials.py) -> token and secret (authenticator.py) -> client address (client_ip.py) ->
-allowed ranges (ranges.py) -> access level (access_levels.py) -> usage (usage.py) -> upstream (forward.py)
+allowed ranges (ranges.py) -> the target's one reading (request_target.py) -> access level (access_levels.py)
+-> usage (usage.py) -> upstream (forward.py), which is sent the path that was judged
 
 The port is served by http_server.py; this module is the handler it runs, and the aiohttp Application that
 holds the plane's lifecycle (the decider, the upstream pool, the usage writer, the token-change listener).
@@ -80,15 +81,18 @@ class ProxyHandler:
             # the same answer (the entry's own checks, enabled and expiry, ran above).
             verdict = decider.judge(token, request.method, target, caller.client_ip, body=False)
             head = seen.upstream_head + gateway_headers(token_id, token.record.access_level)
+            upstream_target = self._forwarder.upstream_target(verdict.target)
             decision = seen.decision = _Decision(
-                token, request.method, target, head, verdict.max_body, verdict.body_allowed
+                token, request.method, target, upstream_target, head, verdict.max_body, verdict.body_allowed
             )
         if request.content_length is not None and request.content_length > decision.max_body:
             raise body_too_large(decision.max_body)
         if request.body is not None and not decision.body_allowed:
             raise body_method_refused(token)
         self._usage.record(token_id, caller.client_ip)
-        await self._forwarder.forward(request, decision.upstream_head, max_body=decision.max_body)
+        await self._forwarder.forward(
+            request, decision.upstream_target, decision.upstream_head, max_body=decision.max_body
+        )
 
     def _read_headers(self, request: HttpRequest) -> _SeenHeaders:
         authorization, forwarded_for = credential_headers(request.headers)
@@ -115,12 +119,14 @@ class _SeenHeaders:
 
 
 class _Decision(NamedTuple):
-    """A request allowed: by which cache entry, for which method and target; the head to send upstream (the
-    client's headers and the gateway's), the body limit, and whether a body is allowed at all."""
+    """A request allowed: by which cache entry, for which method and target (as the client sent it); the
+    target and head to send upstream (the judged path, the client's headers and the gateway's), the body
+    limit, and whether a body is allowed at all."""
 
     token: CachedToken
     method: str
     target: bytes
+    upstream_target: str
     upstream_head: bytes
     max_body: int
     body_allowed: bool  # False for a POST whose body could name a method the level withholds

@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 import netaddr
 
-from gateway.access_levels import AccessLevel, AccessLevelConfigError, normalize_path, parse_access_levels
+from gateway.access_levels import RULE_CASES, AccessLevel, AccessLevelConfigError, parse_access_levels
+from gateway.request_target import TargetRefused, canonical_path
 from gateway.secrets import Argon2Parameters
 from gateway.token_format import PREFIX_PATTERN
 
@@ -103,6 +104,7 @@ class Settings:
     forward_auth_path_prefix: str
     access_log_file: Path | None
     argon2: Argon2Parameters
+    access_rule_case: str
     access_levels: Mapping[str, AccessLevel] = field(repr=False)
 
     def admin_exposure_problem(self) -> str | None:
@@ -183,6 +185,14 @@ def _as_bool(raw: Any) -> bool:
     raise ValueError("must be true or false")
 
 
+def _is_canonical(path: str) -> bool:
+    """Whether a configured path is already in the one form request_target.py gives a request's path."""
+    try:
+        return canonical_path(path) == path
+    except TargetRefused:
+        return False
+
+
 def _as_upstream(raw: Any) -> str:
     text = _as_str(raw).strip()
     parts = urlsplit(text)
@@ -194,6 +204,9 @@ def _as_upstream(raw: Any) -> str:
         _ = parts.port  # urlsplit checks the port only when asked
     except ValueError:
         raise ValueError(f"has an invalid port in {text!r}") from None
+    base_path = parts.path.rstrip("/")
+    if base_path and not _is_canonical(base_path):
+        raise ValueError(f"has a base path that is not a plain path ('/v1', '/api/v2'), got {parts.path!r}")
     return text.rstrip("/")
 
 
@@ -282,7 +295,7 @@ def _as_convention(raw: Any) -> str:
 
 def _as_path_prefix(raw: Any) -> str:
     text = _as_str(raw).strip()
-    if not text.startswith("/") or text.endswith("/") or not text.isascii() or normalize_path(text) != text:
+    if not text.startswith("/") or text.endswith("/") or not text.isascii() or not _is_canonical(text):
         raise ValueError(f"must be a normalised path without a trailing slash, such as /auth, got {text!r}")
     if "?" in text or "#" in text or "%" in text:
         raise ValueError(f"must be a plain path without a query, got {text!r}")
@@ -294,8 +307,15 @@ def _as_health_path(raw: Any) -> str:
     text = _as_str(raw).strip()
     if not text.startswith("/") or text == "/":
         raise ValueError("must be an absolute path other than '/', such as /.gateway/health, or empty for none")
-    if "?" in text or "#" in text or "%" in text or not text.isascii() or normalize_path(text) != text:
+    if "?" in text or "#" in text or "%" in text or not text.isascii() or not _is_canonical(text):
         raise ValueError(f"must be a normalised ASCII path without a query, got {text!r}")
+    return text
+
+
+def _as_rule_case(raw: Any) -> str:
+    text = _as_str(raw).strip().lower()
+    if text not in RULE_CASES:
+        raise ValueError("must be " + ", ".join(f"'{name}'" for name in RULE_CASES))
     return text
 
 
@@ -371,6 +391,7 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "forward_auth_convention": _as_convention,
     "forward_auth_path_prefix": _as_path_prefix,
     "access_log_file": _as_log_file,
+    "access_rule_case": _as_rule_case,
     "argon2.time_cost": _as_int(1, 100),
     "argon2.memory_cost_kib": _as_int(8, 4 * 1024 * 1024),
     "argon2.parallelism": _as_int(1, 64),
@@ -464,7 +485,7 @@ def load_settings(
             raise SettingsError(f"setting {sources[name]} {error}") from None
 
     try:
-        access_levels = parse_access_levels(levels_raw)
+        access_levels = parse_access_levels(levels_raw, rule_case=values["access_rule_case"])
     except AccessLevelConfigError as error:
         raise SettingsError(f"setting {error}") from None
     if (values["admin_tls_cert"] is None) != (values["admin_tls_key"] is None):
@@ -522,5 +543,6 @@ def load_settings(
             memory_cost_kib=values["argon2.memory_cost_kib"],
             parallelism=values["argon2.parallelism"],
         ),
+        access_rule_case=values["access_rule_case"],
         access_levels=access_levels,
     )

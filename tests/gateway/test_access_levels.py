@@ -1,4 +1,4 @@
-"""Step 4: access levels, matched on the normalized path while the raw path is forwarded."""
+"""Step 4: access levels, matched on the target's canonical path, which is also the path forwarded."""
 
 from __future__ import annotations
 
@@ -8,28 +8,26 @@ from gateway.access_levels import (
     AccessLevel,
     AccessLevelConfigError,
     compile_path_pattern,
-    normalize_path,
     parse_access_levels,
 )
+from gateway.request_target import read_target
 from gateway.settings import load_settings
-from tests.conftest import Gateway, Upstream, send_raw
+from tests.conftest import Gateway, GatewayFactory, Upstream, send_raw
 
 
 @pytest.mark.parametrize(
-    ("raw", "normalized"),
+    ("raw", "judged"),
     [
         ("/api/%75sers", "/api/users"),
         ("/api/./users", "/api/users"),
         ("/api/posts/../users", "/api/users"),
         ("/api/public/%2e%2e/users", "/api/users"),
-        ("/api/public%2F..%2Fusers", "/api/users"),
-        ("/../../api/users", "/api/users"),
         ("//api//users/", "/api/users/"),
-        ("", "/"),
+        ("/", "/"),
     ],
 )
-def test_paths_are_decoded_and_dot_segments_resolved(raw: str, normalized: str) -> None:
-    assert normalize_path(raw) == normalized
+def test_paths_are_judged_decoded_with_dot_segments_resolved(raw: str, judged: str) -> None:
+    assert read_target(raw.encode()).judged == judged
 
 
 @pytest.mark.parametrize(
@@ -38,6 +36,7 @@ def test_paths_are_decoded_and_dot_segments_resolved(raw: str, normalized: str) 
         ("/**", ["/", "/a", "/a/b/c"], []),
         ("/api/users/**", ["/api/users", "/api/users/", "/api/users/1/x"], ["/api/usersx", "/api", "/api/user"]),
         ("/api/*/admins", ["/api/1/admins", "/api/1/admins/"], ["/api/admins", "/api/1/2/admins"]),
+        ("/api/spaces/*", ["/api/spaces/1", "/api/spaces/1/"], ["/api/spaces", "/api/spaces/", "/api/spaces/1/x"]),
         ("/api/v*/x", ["/api/v1/x", "/api/v/x"], ["/api/w1/x"]),
     ],
 )
@@ -106,24 +105,106 @@ async def test_default_levels_on_the_example_paths(
     assert await _status(gateway, token, method, path) == status
 
 
-async def test_raw_path_and_query_are_forwarded_as_sent(gateway: Gateway, upstream: Upstream) -> None:
+@pytest.mark.parametrize(
+    ("raw", "forwarded"),
+    [
+        ("/api/posts/%7efoo/./a%3ab/../b%c3%a9?q=%20x&y=1&y=2&p=/../%2F;#", None),
+        ("/api/posts/%7efoo/./a%3ab/../b%c3%a9?q=%20x&y=1&y=2&p=/../%2F;", "/api/posts/~foo/b%C3%A9?q=%20x&y=1&y=2&p=/../%2F;"),
+        ("//api//posts/", "/api/posts/"),
+        ("/api/posts/a\"b{c}", "/api/posts/a%22b%7Bc%7D"),
+        ("/api/posts?", "/api/posts?"),
+    ],
+)
+async def test_the_upstream_sees_the_judged_path_and_the_query_untouched(
+    gateway: Gateway, upstream: Upstream, raw: str, forwarded: str | None
+) -> None:
     token = (await gateway.create_token(access_level="read_only"))["token"]
-    raw = "/api/posts/%7Efoo/./a%2Fb?q=%20x&y=1&y=2"
+    seen = len(upstream.requests)
     request = f"GET {raw} HTTP/1.1\r\nHost: api.example\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    status, _ = await send_raw(gateway.proxy, request.encode())
-    assert status == 200
-    assert upstream.last["raw_path"] == raw
+    status, reply = await send_raw(gateway.proxy, request.encode())
+    if forwarded is None:  # a '#', even in the query
+        assert status == 400 and b'"code": "fragment_in_target"' in reply
+        assert len(upstream.requests) == seen
+    else:
+        assert status == 200
+        assert upstream.last["raw_path"] == forwarded
+
+
+async def test_the_upstream_base_path_holds_every_forwarded_path(
+    start_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gateway = await start_gateway(upstream=upstream.url + "/v1")
+    token = (await gateway.create_token(access_level="administrative"))["token"]
+    for raw, forwarded in [
+        ("/api/posts?x=1", "/v1/api/posts?x=1"),
+        ("/", "/v1/"),
+        ("/api/../admin", "/v1/admin"),
+        ("/api/%2e%2e/admin/", "/v1/admin/"),
+    ]:
+        request = f"GET {raw} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        status, _ = await send_raw(gateway.proxy, request.encode())
+        assert status == 200, raw
+        assert upstream.last["raw_path"] == forwarded
+    seen = len(upstream.requests)
+    for raw in ("/../admin", "/api/../../admin", "/%2e%2e/admin", "/.%2E/v2/admin"):
+        request = f"GET {raw} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        status, reply = await send_raw(gateway.proxy, request.encode())
+        assert status == 400, raw
+        assert b'"code": "path_above_root"' in reply
+    assert len(upstream.requests) == seen
 
 
 async def test_dot_segments_cannot_escape_a_level_through_raw_bytes(gateway: Gateway, upstream: Upstream) -> None:
     token = (await gateway.create_token(access_level="restricted_read_only"))["token"]
     seen = len(upstream.requests)
-    for raw in ("/api/public/../users", "/api/public/%2e%2e/users", "/api/public/%2E%2E%2Fusers"):
+    for raw, code in [
+        ("/api/public/../users", b"insufficient_access_level"),
+        ("/api/public/%2e%2e/users", b"insufficient_access_level"),
+        ("/api/public/%2E%2E%2Fusers", b"encoded_separator"),
+        ("/api/public/..;/users", b"path_parameter"),
+        ("/api/users#/../public/x", b"fragment_in_target"),
+    ]:
         request = f"GET {raw} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
         status, reply = await send_raw(gateway.proxy, request.encode())
-        assert status == 403, raw
-        assert b"insufficient_access_level" in reply
+        assert status == (403 if code == b"insufficient_access_level" else 400), raw
+        assert code in reply
     assert len(upstream.requests) == seen
+
+
+@pytest.mark.parametrize(
+    ("rule_case", "path", "status"),
+    [
+        ("deny_any_case", "/API/Users/7", 403),  # a deny of /api/users/** holds in any case
+        ("deny_any_case", "/api/u%C5%BFers/7", 403),  # 'ſ' upper-cases to 'S' (ASP.NET's OrdinalIgnoreCase)
+        ("deny_any_case", "/api/posts/1", 200),
+        ("exact", "/API/Users/7", 200),
+        ("any_case", "/API/Users/7", 403),
+    ],
+)
+async def test_deny_rules_match_any_case_unless_configured(
+    start_gateway: GatewayFactory, rule_case: str, path: str, status: int
+) -> None:
+    gateway = await start_gateway(access_rule_case=rule_case)
+    token = (await gateway.create_token(access_level="managing_editorial"))["token"]
+    assert await _status(gateway, token, "GET", path) == status
+
+
+@pytest.mark.parametrize(
+    ("rule_case", "path", "status"),
+    [
+        ("deny_any_case", "/api/public/x", 200),
+        ("deny_any_case", "/API/PUBLIC/x", 403),  # an allow opens only the case it is written in
+        ("deny_any_case", "/api/Branding", 403),
+        ("exact", "/API/PUBLIC/x", 403),
+        ("any_case", "/API/PUBLIC/x", 200),
+    ],
+)
+async def test_allow_rules_match_the_case_written_unless_configured(
+    start_gateway: GatewayFactory, rule_case: str, path: str, status: int
+) -> None:
+    gateway = await start_gateway(access_rule_case=rule_case)
+    token = (await gateway.create_token(access_level="restricted_read_only"))["token"]
+    assert await _status(gateway, token, "GET", path) == status
 
 
 async def test_changing_the_access_level_holds_on_the_next_request(gateway: Gateway) -> None:

@@ -123,9 +123,14 @@ async def test_the_admin_api_cannot_be_reached_through_the_proxy_port(
 ) -> None:
     gateway = await start_gateway()
     token = (await gateway.create_token())["token"]
-    for raw in ("/v1/tokens", "/%2e%2e/v1/tokens", "/../v1/admin-keys", "/healthz"):
+    for raw, forwarded in [
+        ("/v1/tokens", "/v1/tokens"),
+        ("/x/%2e%2e/v1/tokens", "/v1/tokens"),
+        ("/x/../v1/admin-keys", "/v1/admin-keys"),
+        ("/healthz", "/healthz"),
+    ]:
         request = f"GET {raw} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
         status, reply = await send_raw(gateway.proxy, request.encode())
         assert status == 200, raw
-        assert upstream.last["raw_path"] == raw  # forwarded as sent, to the upstream, not answered by us
+        assert upstream.last["raw_path"] == forwarded  # to the upstream, not answered by us
         assert b'"items"' not in reply
