@@ -4,73 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-from yarl import URL
 
-from gateway.forward_auth import forward_auth_handler_key
-from gateway.http_server import HandlerSite, HttpRunner
 from gateway.token_format import issue_token
-from tests.conftest import Gateway, GatewayFactory, send_raw
-
-
-@dataclass
-class ForwardAuth:
-    """A gateway with its forward-auth port open beside the proxy port, as `--forward-auth-listen` opens it."""
-
-    gateway: Gateway
-    port: int
-    session: aiohttp.ClientSession
-
-    async def ask(
-        self, method: str = "GET", target: str = "/auth", headers: dict[str, str] | None = None
-    ) -> aiohttp.ClientResponse:
-        url = URL(f"http://127.0.0.1:{self.port}{target}", encoded=True)
-        async with self.session.request(method, url, headers=headers or {}) as response:
-            await response.read()
-            return response
-
-    async def nginx(self, token: str | None, method: str, uri: str, **headers: str) -> aiohttp.ClientResponse:
-        sent = {"X-Original-Method": method, "X-Original-URI": uri, **headers}
-        if token is not None:
-            sent["Authorization"] = f"Bearer {token}"
-        return await self.ask(headers=sent)
-
-
-StartForwardAuth = Callable[..., Awaitable[ForwardAuth]]
-
-
-async def open_forward_auth(gateway: Gateway) -> int:
-    """Open the forward-auth port on the gateway's data plane, as the command line does."""
-    runner = gateway.proxy.server.runner
-    assert isinstance(runner, HttpRunner)
-    site = HandlerSite(runner, "127.0.0.1", 0, handler=runner.app[forward_auth_handler_key])
-    await site.start()
-    return site.port
-
-
-@pytest.fixture
-async def start_forward_auth(start_gateway: GatewayFactory) -> AsyncIterator[StartForwardAuth]:
-    sessions: list[aiohttp.ClientSession] = []
-
-    async def start(**overrides: Any) -> ForwardAuth:
-        gateway = await start_gateway(forward_auth_listen="127.0.0.1:0", **overrides)
-        sessions.append(aiohttp.ClientSession())
-        return ForwardAuth(gateway, await open_forward_auth(gateway), sessions[-1])
-
-    yield start
-    for session in sessions:
-        await session.close()
-
-
-@pytest.fixture
-async def forward_auth(start_forward_auth: StartForwardAuth) -> ForwardAuth:
-    return await start_forward_auth()
+from tests.conftest import ForwardAuth, StartForwardAuth, send_raw
 
 
 async def _code(response: aiohttp.ClientResponse) -> str:
