@@ -22,6 +22,7 @@ from gateway.redis_tokens import RedisTokens, RedisUsage, connect
 from gateway.secrets import SecretHasher
 from gateway.settings import Settings
 from gateway.store import SQLiteStore, TokenStore
+from gateway.store.postgres import PostgresStore
 from gateway.token_cache import TokenCache
 from gateway.token_changes import LocalTokenChanges, RedisTokenChanges, TokenChanges
 from gateway.tokens import utc_now
@@ -58,9 +59,29 @@ class Core:
 core_key = web.AppKey("core", Core)
 
 
+def create_store(settings: Settings, *, migrate: bool = False) -> TokenStore:
+    """The configured backend, not yet open. SQLite always upgrades its own file; PostgreSQL only when asked
+    (`gateway migrate`, or `--migrate` on start), since many processes on many hosts share it."""
+    record_changes = settings.redis_url is not None
+    if settings.postgres_url is not None:
+        return PostgresStore(
+            settings.postgres_url,
+            password=settings.database_password,
+            record_changes=record_changes,
+            migrate=migrate,
+            pool_size=settings.database_pool_size,
+            statement_timeout=settings.database_statement_timeout,
+            connect_timeout=settings.database_connect_timeout,
+        )
+    assert settings.database_path is not None
+    return SQLiteStore(settings.database_path, record_changes=record_changes)
+
+
 @asynccontextmanager
-async def open_core(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -> AsyncIterator[Core]:
-    store = SQLiteStore(settings.database_path, record_changes=settings.redis_url is not None)
+async def open_core(
+    settings: Settings, *, clock: Callable[[], datetime] = utc_now, migrate: bool = False
+) -> AsyncIterator[Core]:
+    store = create_store(settings, migrate=migrate)
     await store.open()
     hasher = SecretHasher(settings.argon2)
     client = connect(settings.redis_url.reveal()) if settings.redis_url is not None else None
@@ -75,7 +96,7 @@ async def open_core(settings: Settings, *, clock: Callable[[], datetime] = utc_n
 
 def _assemble(
     settings: Settings,
-    store: SQLiteStore,
+    store: TokenStore,
     hasher: SecretHasher,
     client: redis.Redis | None,
     clock: Callable[[], datetime],

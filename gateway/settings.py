@@ -62,7 +62,14 @@ class Settings:
     upstream: str | None
     proxy_listen: ListenAddress
     admin_listen: ListenAddress
-    database_path: Path
+    database_path: Path | None
+    """The SQLite file, when the store is embedded; None with PostgreSQL."""
+    postgres_url: Secret | None
+    """The PostgreSQL URL (it may hold a password), when the store is PostgreSQL."""
+    database_password: Secret | None
+    database_pool_size: int
+    database_statement_timeout: float
+    database_connect_timeout: float
     admin_key: Secret | None
     trusted_proxies: tuple[str, ...]
     redis_url: Secret | None
@@ -222,15 +229,31 @@ def parse_listen_address(raw: Any) -> ListenAddress:
     return ListenAddress(host, port)
 
 
-def _as_database_path(raw: Any) -> Path:
+def _as_database(raw: Any) -> Path | Secret:
+    """A SQLite path, or a PostgreSQL URL kept as a secret: it may carry the password."""
     text = _as_str(raw).strip()
+    if urlsplit(text).scheme in {"postgresql", "postgres"}:
+        if not urlsplit(text).hostname and "host=" not in urlsplit(text).query:
+            raise ValueError("must name the PostgreSQL host: postgresql://USER@HOST:PORT/DATABASE")
+        return Secret(text)
     prefix = "sqlite:///"
     if not text.startswith(prefix) or len(text) == len(prefix):
-        raise ValueError(f"must be sqlite:///RELATIVE/PATH or sqlite:////ABSOLUTE/PATH, got {text!r}")
+        raise ValueError(
+            "must be sqlite:///RELATIVE/PATH, sqlite:////ABSOLUTE/PATH or postgresql://USER@HOST:PORT/DATABASE"
+            f", got {redact_url(text)!r}"
+        )
     path = text[len(prefix) :]
     if path == ":memory:":
         raise ValueError("an in-memory database would lose every token on restart")
     return Path(path)
+
+
+def redact_url(text: str) -> str:
+    """The URL with its password (if any) replaced by stars, fit for a message or a repr."""
+    parts = urlsplit(text)
+    if parts.password is None:
+        return text
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":**********@", 1)).geturl()
 
 
 def _as_secret(minimum_length: int) -> Callable[[Any], Secret]:
@@ -350,7 +373,11 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "upstream": _as_upstream,
     "proxy_listen": parse_listen_address,
     "admin_listen": parse_listen_address,
-    "database_url": _as_database_path,
+    "database_url": _as_database,
+    "database_password": _as_secret(1),
+    "database_pool_size": _as_int(1, 1000),
+    "database_statement_timeout": _as_float(0.1, 3600),
+    "database_connect_timeout": _as_float(0.1, 600),
     "admin_key": _as_secret(16),
     "trusted_proxies": _as_networks,
     "redis_url": _as_redis_url,
@@ -399,6 +426,7 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
 _OPTIONAL = {
     "upstream",
     "admin_key",
+    "database_password",
     "redis_url",
     "admin_tls_cert",
     "admin_tls_key",
@@ -493,11 +521,17 @@ def load_settings(
     if (values["proxy_tls_cert"] is None) != (values["proxy_tls_key"] is None):
         raise SettingsError("settings 'proxy_tls_cert' and 'proxy_tls_key' must be given together")
 
+    database = values["database_url"]
     return Settings(
         upstream=values["upstream"],
         proxy_listen=values["proxy_listen"],
         admin_listen=values["admin_listen"],
-        database_path=values["database_url"],
+        database_path=database if isinstance(database, Path) else None,
+        postgres_url=database if isinstance(database, Secret) else None,
+        database_password=values["database_password"],
+        database_pool_size=values["database_pool_size"],
+        database_statement_timeout=values["database_statement_timeout"],
+        database_connect_timeout=values["database_connect_timeout"],
         admin_key=values["admin_key"],
         trusted_proxies=values["trusted_proxies"],
         redis_url=values["redis_url"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from gateway.proxy_app import create_proxy_app
 from gateway.settings import Settings, load_settings
 from gateway.store import SQLiteStore
 from gateway.tokens import TokenRecord
+from tests.postgres_server import PostgresServer
 from tests.redis_server import RedisServer
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
@@ -139,6 +141,37 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole suite, started on first use; each test gets its own database."""
+    server = PostgresServer()
+    try:
+        server.initialise()
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+async def postgres_url(postgres_server: PostgresServer) -> AsyncIterator[str]:
+    """A fresh, empty database on the shared server for this test, dropped after it."""
+    import asyncpg
+
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    connection = await asyncpg.connect(postgres_server.url())
+    try:
+        await connection.execute(f"CREATE DATABASE {name} TEMPLATE template0")
+    finally:
+        await connection.close()
+    yield postgres_server.url(name)
+    connection = await asyncpg.connect(postgres_server.url())
+    try:
+        await connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await connection.close()
+
+
 @pytest.fixture
 async def upstream(aiohttp_server: AiohttpServer) -> Upstream:
     state: list[Upstream] = []
@@ -151,12 +184,31 @@ async def upstream(aiohttp_server: AiohttpServer) -> Upstream:
 SettingsFactory = Callable[..., Settings]
 
 
+STORE_BACKENDS = ("sqlite", "postgresql")
+both_store_backends = pytest.mark.parametrize("store_backend", STORE_BACKENDS, indirect=True)
+"""Mark a test or module to run once on each store: `pytestmark = both_store_backends`."""
+
+
+@pytest.fixture(params=["sqlite"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """The store backend the test's gateways use: SQLite unless the test asks for both_store_backends."""
+    return str(request.param)
+
+
 @pytest.fixture
-def make_settings(tmp_path: Path, upstream: Upstream) -> SettingsFactory:
+def database_url(store_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """The store for this test's gateways: a SQLite file in tmp_path, or a fresh PostgreSQL database."""
+    if store_backend == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
+    return f"sqlite:///{tmp_path / 'gateway.db'}"
+
+
+@pytest.fixture
+def make_settings(database_url: str, upstream: Upstream) -> SettingsFactory:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "upstream": upstream.url,
-            "database_url": f"sqlite:///{tmp_path / 'gateway.db'}",
+            "database_url": database_url,
             "admin_key": ADMIN_KEY,
             "usage_flush_interval": 0.1,
             **FAST_ARGON2,
@@ -217,7 +269,8 @@ class Gateway:
     core: Core
     proxy: TestClient
     admin: TestClient
-    database: Path
+    database: Path | None
+    """The SQLite file, or None on PostgreSQL."""
     _core_context: Any = field(repr=False)
     access_log: AccessLog | None = None
     access_log_path: Path | None = None
@@ -269,9 +322,10 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 @pytest.fixture
 async def start_gateway(
-    make_settings: SettingsFactory, aiohttp_client: AiohttpClient
+    make_settings: SettingsFactory, aiohttp_client: AiohttpClient, tmp_path: Path
 ) -> AsyncIterator[GatewayFactory]:
-    """Starts a gateway on the test's SQLite file; call it again after closing one to 'restart'."""
+    """Starts a gateway on the test's store (a SQLite file, or PostgreSQL with both_store_backends); call it
+    again after closing one to 'restart'."""
     started: list[Gateway] = []
 
     async def start(
@@ -280,7 +334,9 @@ async def start_gateway(
         """`planes` picks what this 'process' runs, as `gateway proxy` or `gateway admin` would; `clock`
         replaces the admin plane's wall clock."""
         settings = make_settings(**overrides)
-        context = open_core(settings) if clock is None else open_core(settings, clock=clock)
+        context = (
+            open_core(settings, migrate=True) if clock is None else open_core(settings, clock=clock, migrate=True)
+        )
         core = await context.__aenter__()
         authenticator = AdminAuthenticator(
             core.store,
@@ -291,7 +347,7 @@ async def start_gateway(
         )
         await authenticator.bootstrap(settings.admin_key)
         # The access log is on, as it is by default, so tests that look for leaks read its lines too.
-        access_log_path = settings.database_path.with_name(f"access-{len(started)}.log")
+        access_log_path = tmp_path / f"access-{len(started)}.log"
         access_log = AccessLog.open(access_log_path, json=settings.log_format == "json")
         proxy = (
             await aiohttp_client(ProxyTestServer(create_proxy_app(core), access_log=access_log))

@@ -4,10 +4,24 @@ from gateway.store.base import (
     AdminKeyNotFound,
     InvalidCursor,
     LastAdminKey,
+    SchemaError,
+    SchemaOutdated,
+    SchemaTooNew,
     StoreUnavailable,
     TokenNotFound,
     TokenStore,
 )
 from gateway.store.sqlite import SQLiteStore
 
-__all__ = ["AdminKeyNotFound", "InvalidCursor", "LastAdminKey", "SQLiteStore", "StoreUnavailable", "TokenNotFound", "TokenStore"]
+__all__ = [
+    "AdminKeyNotFound",
+    "InvalidCursor",
+    "LastAdminKey",
+    "SQLiteStore",
+    "SchemaError",
+    "SchemaOutdated",
+    "SchemaTooNew",
+    "StoreUnavailable",
+    "TokenNotFound",
+    "TokenStore",
+]

@@ -1,7 +1,12 @@
-"""The async interface every store backend (SQLite now, PostgreSQL later) and cache layer implements.
+"""The async interface every store backend (SQLite, PostgreSQL) and cache layer implements.
 
-Each change to a token is one transaction that also appends its audit event, so a change is never recorded
-without its audit line, nor the other way round.
+Each change to a token is one transaction that also appends its audit event (and, with Redis, its outbox
+row), so a change is never recorded without its audit line, nor the other way round.
+
+Each backend keeps a numbered list of schema migrations. `open()` checks the schema's version against it:
+a newer one stops the process (SchemaTooNew); an older one is upgraded when the store was built to migrate,
+and refused otherwise (SchemaOutdated). `migrate()` upgrades under a lock, so processes starting together
+never race on it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ TokenChange = Callable[[TokenRecord], tuple[TokenRecord, AuditEvent]]
 
 
 class StoreUnavailable(Exception):
-    """The store could not be read or written (its file unreadable, its server gone): a 503, never a decision."""
+    """The store could not be read or written (its file unreadable, its server down, unreachable or too slow):
+    a 503, never a decision; nothing was written."""
 
 
 class TokenNotFound(LookupError):
@@ -35,11 +41,29 @@ class LastAdminKey(Exception):
     """Deleting this key would leave no key with the admin role."""
 
 
+class SchemaError(RuntimeError):
+    """The schema does not match this gateway; the message is one line for an operator."""
+
+
+class SchemaOutdated(SchemaError):
+    pass
+
+
+class SchemaTooNew(SchemaError):
+    pass
+
+
 class TokenStore(Protocol):
     reads: int
     """Token reads served so far; tests count them to prove the hot path stays off the store."""
 
-    async def open(self) -> None: ...
+    async def open(self) -> None:
+        """Connect and check the schema version (upgrading it if this store was built to migrate)."""
+        ...
+
+    async def migrate(self) -> tuple[int, int]:
+        """Bring the schema to the newest version this gateway knows: (version before, version after)."""
+        ...
 
     async def close(self) -> None: ...
 

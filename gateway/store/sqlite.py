@@ -7,7 +7,6 @@ dependency, and makes each read-modify-write naturally atomic.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import sqlite3
 from collections.abc import Callable, Mapping
@@ -18,12 +17,14 @@ from typing import Any, TypeVar
 
 from gateway.store.base import (
     AdminKeyNotFound,
-    InvalidCursor,
     LastAdminKey,
+    SchemaOutdated,
+    SchemaTooNew,
     StoreUnavailable,
     TokenChange,
     TokenNotFound,
 )
+from gateway.store.cursors import decode_cursor, encode_cursor
 from gateway.tokens import (
     AdminKeyRecord,
     AuditEvent,
@@ -36,51 +37,52 @@ from gateway.tokens import (
 
 T = TypeVar("T")
 
-# Each entry upgrades the schema by one version; PRAGMA user_version records how far a file has come.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE tokens (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
-        name TEXT NOT NULL,
-        access_level TEXT NOT NULL,
-        allowed_ip_ranges TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('enabled', 'disabled')),
-        expires_at TEXT,
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        rotated_at TEXT,
-        last_used_at TEXT,
-        last_used_ip TEXT,
-        secret_hash TEXT NOT NULL,
-        previous_secret_hash TEXT,
-        previous_secret_expires_at TEXT,
-        version INTEGER NOT NULL
-    );
-    CREATE INDEX tokens_status ON tokens (status, seq);
-    CREATE TABLE audit_events (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        at TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        token_id TEXT,
-        details TEXT NOT NULL
-    );
-    CREATE INDEX audit_events_token ON audit_events (token_id, seq);
-    CREATE TABLE admin_keys (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        role TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        key_hash TEXT NOT NULL
-    );
-    """,
-    """
-    CREATE TABLE token_changes (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        token_id TEXT NOT NULL
-    );
-    """,
+# Each entry upgrades the schema by one version, statement by statement (all in one transaction); PRAGMA
+# user_version records how far a file has come. Append new versions; never edit a released one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE tokens (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            access_level TEXT NOT NULL,
+            allowed_ip_ranges TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('enabled', 'disabled')),
+            expires_at TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            rotated_at TEXT,
+            last_used_at TEXT,
+            last_used_ip TEXT,
+            secret_hash TEXT NOT NULL,
+            previous_secret_hash TEXT,
+            previous_secret_expires_at TEXT,
+            version INTEGER NOT NULL
+        )""",
+        "CREATE INDEX tokens_status ON tokens (status, seq)",
+        """CREATE TABLE audit_events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            at TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            token_id TEXT,
+            details TEXT NOT NULL
+        )""",
+        "CREATE INDEX audit_events_token ON audit_events (token_id, seq)",
+        """CREATE TABLE admin_keys (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            role TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            key_hash TEXT NOT NULL
+        )""",
+    ),
+    (
+        """CREATE TABLE token_changes (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            token_id TEXT NOT NULL
+        )""",
+    ),
 )
 
 _COLUMN_NAMES = (
@@ -92,21 +94,6 @@ _TOKEN_COLUMNS = ", ".join(_COLUMN_NAMES)
 # What an admin change may write. Usage columns are written behind by the proxy, never from a stale read.
 _CHANGEABLE_COLUMNS = tuple(c for c in _COLUMN_NAMES if c not in {"id", "created_at", "last_used_at", "last_used_ip"})
 _CHANGE_ASSIGNMENTS = ", ".join(f"{column} = ?" for column in _CHANGEABLE_COLUMNS)
-
-
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        digits = text[1:]
-        if not text.startswith("s") or not (digits.isascii() and digits.isdigit()) or int(digits) >= 2**63:
-            raise ValueError
-        return int(digits)
-    except ValueError:
-        raise InvalidCursor("is not a cursor this API returned") from None
 
 
 def _token_values(record: TokenRecord) -> dict[str, Any]:
@@ -151,11 +138,15 @@ def _event_from_row(row: sqlite3.Row) -> AuditEvent:
 
 class SQLiteStore:
     """`record_changes` keeps an outbox of changed token ids, written in each change's transaction, that the
-    admin process delivers to Redis: a change committed while Redis was down is still delivered later."""
+    admin process delivers to Redis: a change committed while Redis was down is still delivered later.
 
-    def __init__(self, path: str | Path, *, record_changes: bool = False) -> None:
+    The embedded store upgrades its own schema on open (`migrate=True`): the file belongs to this host, and the
+    quick start stays one command. Processes opening one file together serialise on BEGIN IMMEDIATE."""
+
+    def __init__(self, path: str | Path, *, record_changes: bool = False, migrate: bool = True) -> None:
         self.path = Path(path)
         self.record_changes = record_changes
+        self.migrate_on_open = migrate
         self.reads = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._connection: sqlite3.Connection | None = None
@@ -192,16 +183,48 @@ class SQLiteStore:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute("PRAGMA busy_timeout=10000")
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
+        try:
+            if self.migrate_on_open:
+                self._migrate_blocking(connection)
+            else:
+                version = connection.execute("PRAGMA user_version").fetchone()[0]
+                self._check_version(version)
+                if version < len(MIGRATIONS):
+                    raise SchemaOutdated(
+                        f"database {str(self.path)!r} has schema version {version}, older than this gateway's"
+                        f" ({len(MIGRATIONS)}): run 'gateway migrate'"
+                    )
+        except BaseException:
             connection.close()
-            raise RuntimeError(
+            raise
+        return connection
+
+    def _check_version(self, version: int) -> None:
+        if version > len(MIGRATIONS):
+            raise SchemaTooNew(
                 f"database {str(self.path)!r} has schema version {version}, newer than this gateway knows"
                 f" ({len(MIGRATIONS)}): upgrade the gateway"
             )
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            connection.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
-        return connection
+
+    def _migrate_blocking(self, connection: sqlite3.Connection) -> tuple[int, int]:
+        """Read the version and upgrade inside one write transaction: a second process waits, then finds
+        the work done."""
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            before = connection.execute("PRAGMA user_version").fetchone()[0]
+            self._check_version(before)
+            for statements in MIGRATIONS[before:]:
+                for statement in statements:
+                    connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        return before, len(MIGRATIONS)
+
+    async def migrate(self) -> tuple[int, int]:
+        return await self._run(self._migrate_blocking)
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -250,7 +273,7 @@ class SQLiteStore:
         parameters: list[Any] = []
         if cursor is not None:
             clauses.append("seq < ?")
-            parameters.append(_decode_cursor(cursor))
+            parameters.append(decode_cursor(cursor))
         if status is not None:
             clauses.append("status = ?")
             parameters.append(status.value)
@@ -266,7 +289,7 @@ class SQLiteStore:
             ).fetchall()
 
         rows = await self._run(query)
-        next_cursor = _encode_cursor(rows[limit - 1]["seq"]) if len(rows) > limit else None
+        next_cursor = encode_cursor(rows[limit - 1]["seq"]) if len(rows) > limit else None
         return [_token_from_row(row) for row in rows[:limit]], next_cursor
 
     async def change_token(self, token_id: str, change: TokenChange) -> TokenRecord:
@@ -346,7 +369,7 @@ class SQLiteStore:
         parameters: list[Any] = []
         if cursor is not None:
             clauses.append("seq < ?")
-            parameters.append(_decode_cursor(cursor))
+            parameters.append(decode_cursor(cursor))
         if token_id is not None:
             clauses.append("token_id = ?")
             parameters.append(token_id)
@@ -359,7 +382,7 @@ class SQLiteStore:
             ).fetchall()
 
         rows = await self._run(query)
-        next_cursor = _encode_cursor(rows[limit - 1]["seq"]) if len(rows) > limit else None
+        next_cursor = encode_cursor(rows[limit - 1]["seq"]) if len(rows) > limit else None
         return [_event_from_row(row) for row in rows[:limit]], next_cursor
 
     # --- admin keys ------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from aiohttp import ClientResponse
 from admin_api.admin_auth import admin_key_prefix
 from gateway.token_format import issue_token
 from tests.admin_api.conftest import TIMESTAMP, admin_request, audit_events, expect_problem
-from tests.conftest import ADMIN_KEY, Gateway, send_raw
+from tests.conftest import ADMIN_KEY, Gateway, both_store_backends, send_raw
+
+pytestmark = both_store_backends
 
 KEY_VIEW = {"id", "name", "role", "created_at"}
 ABSENT_ID = "0000000000000000"

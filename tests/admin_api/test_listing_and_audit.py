@@ -18,7 +18,9 @@ from tests.admin_api.conftest import (
     proxy_verdict,
     token_view,
 )
-from tests.conftest import Gateway
+from tests.conftest import Gateway, both_store_backends
+
+pytestmark = both_store_backends
 
 
 async def list_ids(gateway: Gateway, **params: str) -> list[str]:

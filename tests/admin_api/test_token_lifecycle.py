@@ -15,7 +15,9 @@ from tests.admin_api.conftest import (
     proxy_verdict,
     token_view,
 )
-from tests.conftest import Gateway
+from tests.conftest import Gateway, both_store_backends
+
+pytestmark = both_store_backends
 
 TOKEN_STRING = re.compile(r"gw_([0-9A-Za-z]{16})_([0-9A-Za-z]{49})")
 VIEW_FIELDS = {

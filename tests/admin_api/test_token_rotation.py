@@ -13,7 +13,9 @@ from tests.admin_api.conftest import (
     proxy_verdict,
     token_view,
 )
-from tests.conftest import Gateway
+from tests.conftest import Gateway, both_store_backends
+
+pytestmark = both_store_backends
 
 OK = (200, "")
 INVALID = (401, "invalid_token")

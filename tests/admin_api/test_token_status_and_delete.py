@@ -17,7 +17,9 @@ from tests.admin_api.conftest import (
     rfc3339,
     token_view,
 )
-from tests.conftest import Gateway
+from tests.conftest import Gateway, both_store_backends
+
+pytestmark = both_store_backends
 
 UNKNOWN_ID = "0000000000000000"
 

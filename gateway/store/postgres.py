@@ -1,0 +1,451 @@
+"""The store of record for many hosts: PostgreSQL through asyncpg, with a bounded pool.
+
+Every change is one transaction holding its row, its audit event and (with Redis) its outbox row. A change
+reads the current row FOR UPDATE, so two admin processes changing one token queue on the row lock and the
+second applies its change to what the first wrote: no update is ever lost.
+
+Statements are cancelled by the server after `statement_timeout`, and abandoned by the client shortly after;
+a store that does not answer raises StoreUnavailable, which callers turn into their own 503.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from gateway.settings import Secret, redact_url
+from gateway.store.base import (
+    AdminKeyNotFound,
+    LastAdminKey,
+    SchemaOutdated,
+    SchemaTooNew,
+    StoreUnavailable,
+    TokenChange,
+    TokenNotFound,
+)
+from gateway.store.cursors import decode_cursor, encode_cursor
+from gateway.tokens import AdminKeyRecord, AuditEvent, TokenRecord, TokenStatus
+
+# Each entry upgrades the schema by one version, in one transaction; the schema_version table records how far
+# a database has come. Append new versions; never edit a released one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE tokens (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            access_level TEXT NOT NULL,
+            allowed_ip_ranges TEXT[] NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('enabled', 'disabled')),
+            expires_at TIMESTAMPTZ,
+            created_at TIMESTAMPTZ NOT NULL,
+            updated_at TIMESTAMPTZ NOT NULL,
+            rotated_at TIMESTAMPTZ,
+            last_used_at TIMESTAMPTZ,
+            last_used_ip TEXT,
+            secret_hash TEXT NOT NULL,
+            previous_secret_hash TEXT,
+            previous_secret_expires_at TIMESTAMPTZ,
+            version BIGINT NOT NULL
+        )""",
+        "CREATE INDEX tokens_status ON tokens (status, seq)",
+        """CREATE TABLE audit_events (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            at TIMESTAMPTZ NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            token_id TEXT,
+            details JSONB NOT NULL
+        )""",
+        "CREATE INDEX audit_events_token ON audit_events (token_id, seq)",
+        """CREATE TABLE admin_keys (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            role TEXT NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL,
+            key_hash TEXT NOT NULL
+        )""",
+        """CREATE TABLE token_changes (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            token_id TEXT NOT NULL
+        )""",
+    ),
+)
+
+# pg_advisory_xact_lock key under which migrations run: any constant, the same in every gateway process.
+MIGRATION_LOCK = 0x6761_7465_7761_7901
+
+_COLUMN_NAMES = (
+    "id", "name", "access_level", "allowed_ip_ranges", "status", "expires_at", "created_at", "updated_at",
+    "rotated_at", "last_used_at", "last_used_ip", "secret_hash", "previous_secret_hash",
+    "previous_secret_expires_at", "version",
+)
+_TOKEN_COLUMNS = ", ".join(_COLUMN_NAMES)
+# What an admin change may write. Usage columns are written behind by the proxy, never from a stale read.
+_CHANGEABLE_COLUMNS = tuple(c for c in _COLUMN_NAMES if c not in {"id", "created_at", "last_used_at", "last_used_ip"})
+_CHANGE_ASSIGNMENTS = ", ".join(f"{column} = ${number}" for number, column in enumerate(_CHANGEABLE_COLUMNS, 2))
+
+# What "the database did not answer" looks like from asyncpg: refused or reset sockets, timeouts, a server
+# shutting down or starting up, a connection that broke mid-statement, a statement cancelled by its timeout.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.QueryCanceledError,
+)
+
+
+def _token_row(record: TokenRecord) -> tuple[Any, ...]:
+    return (
+        record.id,
+        record.name,
+        record.access_level,
+        list(record.allowed_ip_ranges),
+        record.status.value,
+        record.expires_at,
+        record.created_at,
+        record.updated_at,
+        record.rotated_at,
+        record.last_used_at,
+        record.last_used_ip,
+        record.secret_hash,
+        record.previous_secret_hash,
+        record.previous_secret_expires_at,
+        record.version,
+    )
+
+
+def _token_from_row(row: asyncpg.Record) -> TokenRecord:
+    return TokenRecord(
+        id=row["id"],
+        name=row["name"],
+        access_level=row["access_level"],
+        allowed_ip_ranges=tuple(row["allowed_ip_ranges"]),
+        status=TokenStatus(row["status"]),
+        expires_at=row["expires_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        rotated_at=row["rotated_at"],
+        last_used_at=row["last_used_at"],
+        last_used_ip=row["last_used_ip"],
+        secret_hash=row["secret_hash"],
+        previous_secret_hash=row["previous_secret_hash"],
+        previous_secret_expires_at=row["previous_secret_expires_at"],
+        version=row["version"],
+    )
+
+
+def _event_from_row(row: asyncpg.Record) -> AuditEvent:
+    return AuditEvent(
+        id=row["seq"],
+        at=row["at"],
+        actor=row["actor"],
+        action=row["action"],
+        token_id=row["token_id"],
+        details=json.loads(row["details"]),
+    )
+
+
+class PostgresStore:
+    """`url` is a libpq-style URL (postgresql:// or postgres://; sslmode as libpq reads it); `password`, when
+    given, wins over one in the URL. Neither ever appears in a repr, a log line or an exception."""
+
+    def __init__(
+        self,
+        url: Secret,
+        *,
+        password: Secret | None = None,
+        record_changes: bool = False,
+        migrate: bool = False,
+        pool_size: int = 10,
+        statement_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._url = url
+        self._password = password
+        self.record_changes = record_changes
+        self.migrate_on_open = migrate
+        self.pool_size = pool_size
+        self.statement_timeout = statement_timeout
+        self.connect_timeout = connect_timeout
+        self.reads = 0
+        self._pool: asyncpg.Pool | None = None
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({redact_url(self._url.reveal())!r})"
+
+    @property
+    def where(self) -> str:
+        """Host, port and database, for messages."""
+        parts = urlsplit(self._url.reveal())
+        return f"{parts.hostname}:{parts.port or 5432}{parts.path}"
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                dsn=self._url.reveal(),
+                password=self._password.reveal() if self._password is not None else None,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=self.connect_timeout,
+                command_timeout=self.statement_timeout + 1.0,
+                server_settings={
+                    "statement_timeout": str(int(self.statement_timeout * 1000)),
+                    "application_name": "api-token-gateway",
+                },
+            )
+        except _UNAVAILABLE as error:
+            raise StoreUnavailable(f"cannot reach PostgreSQL at {self.where}: {type(error).__name__}") from None
+        except asyncpg.PostgresError as error:  # wrong password, no such database, ...
+            raise StoreUnavailable(f"PostgreSQL at {self.where} refused the connection: {error}") from None
+        try:
+            if self.migrate_on_open:
+                await self.migrate()
+            else:
+                await self._check_version()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await pool.close()
+            except _UNAVAILABLE:
+                pool.terminate()
+
+    async def ping(self) -> None:
+        async with self._connection() as connection:
+            await connection.fetchval("SELECT 1")
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        if self._pool is None:
+            raise RuntimeError("the store is not open")
+        try:
+            async with self._pool.acquire(timeout=self.connect_timeout) as connection:
+                yield connection
+        except _UNAVAILABLE as error:
+            raise StoreUnavailable(f"PostgreSQL did not answer: {type(error).__name__}") from None
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """One transaction: committed if the block finishes, rolled back on any exception."""
+        async with self._connection() as connection, connection.transaction():
+            yield connection
+
+    # --- schema ----------------------------------------------------------------------------------------
+
+    async def _version(self, connection: asyncpg.Connection) -> int:
+        exists = await connection.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
+        if not exists:
+            return 0
+        return int(await connection.fetchval("SELECT version FROM schema_version"))
+
+    def _too_new(self, version: int) -> SchemaTooNew:
+        return SchemaTooNew(
+            f"database {self.where} has schema version {version}, newer than this gateway knows"
+            f" ({len(MIGRATIONS)}): upgrade the gateway"
+        )
+
+    async def _check_version(self) -> None:
+        async with self._connection() as connection:
+            version = await self._version(connection)
+        if version > len(MIGRATIONS):
+            raise self._too_new(version)
+        if version < len(MIGRATIONS):
+            raise SchemaOutdated(
+                f"database {self.where} has schema version {version}, older than this gateway's"
+                f" ({len(MIGRATIONS)}): run 'gateway migrate' (or start with --migrate)"
+            )
+
+    async def migrate(self) -> tuple[int, int]:
+        """Under a transaction-scoped advisory lock: a second process waits, then finds the work done."""
+        async with self._transaction() as connection:
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            before = await self._version(connection)
+            if before > len(MIGRATIONS):
+                raise self._too_new(before)
+            if before == 0:
+                await connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                await connection.execute("INSERT INTO schema_version (version) VALUES (0)")
+            for statements in MIGRATIONS[before:]:
+                for statement in statements:
+                    await connection.execute(statement)
+            await connection.execute("UPDATE schema_version SET version = $1", len(MIGRATIONS))
+        return before, len(MIGRATIONS)
+
+    # --- tokens ----------------------------------------------------------------------------------------
+
+    async def insert_token(self, record: TokenRecord, event: AuditEvent) -> None:
+        placeholders = ", ".join(f"${number}" for number in range(1, len(_COLUMN_NAMES) + 1))
+        async with self._transaction() as connection:
+            await connection.execute(
+                f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES ({placeholders})", *_token_row(record)
+            )
+            await _insert_event(connection, event)
+            await self._note_change(connection, record.id)
+
+    async def get_token(self, token_id: str) -> TokenRecord | None:
+        self.reads += 1
+        async with self._connection() as connection:
+            row = await connection.fetchrow(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = $1", token_id)
+        return None if row is None else _token_from_row(row)
+
+    async def list_tokens(
+        self,
+        *,
+        status: TokenStatus | None = None,
+        unused_since: datetime | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[TokenRecord], str | None]:
+        clauses: list[str] = []
+        parameters: list[Any] = []
+        if cursor is not None:
+            parameters.append(decode_cursor(cursor))
+            clauses.append(f"seq < ${len(parameters)}")
+        if status is not None:
+            parameters.append(status.value)
+            clauses.append(f"status = ${len(parameters)}")
+        if unused_since is not None:
+            parameters.append(unused_since)
+            clauses.append(f"(last_used_at IS NULL OR last_used_at < ${len(parameters)})")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        parameters.append(limit + 1)
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                f"SELECT seq, {_TOKEN_COLUMNS} FROM tokens {where} ORDER BY seq DESC LIMIT ${len(parameters)}",
+                *parameters,
+            )
+        next_cursor = encode_cursor(rows[limit - 1]["seq"]) if len(rows) > limit else None
+        return [_token_from_row(row) for row in rows[:limit]], next_cursor
+
+    async def change_token(self, token_id: str, change: TokenChange) -> TokenRecord:
+        async with self._transaction() as connection:
+            row = await connection.fetchrow(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = $1 FOR UPDATE", token_id
+            )
+            if row is None:
+                raise TokenNotFound(token_id)
+            changed, event = change(_token_from_row(row))
+            values = dict(zip(_COLUMN_NAMES, _token_row(changed), strict=True))
+            await connection.execute(
+                f"UPDATE tokens SET {_CHANGE_ASSIGNMENTS} WHERE id = $1",
+                token_id,
+                *(values[column] for column in _CHANGEABLE_COLUMNS),
+            )
+            await _insert_event(connection, event)
+            await self._note_change(connection, token_id)
+        return changed
+
+    async def delete_token(self, token_id: str, event: AuditEvent) -> None:
+        async with self._transaction() as connection:
+            if await connection.fetchval("DELETE FROM tokens WHERE id = $1 RETURNING 1", token_id) is None:
+                raise TokenNotFound(token_id)
+            await _insert_event(connection, event)
+            await self._note_change(connection, token_id)
+
+    async def record_usage(self, usage: Mapping[str, tuple[datetime, str]]) -> None:
+        if not usage:
+            return
+        rows = [(at, ip, token_id) for token_id, (at, ip) in sorted(usage.items())]  # one lock order
+        async with self._transaction() as connection:
+            await connection.executemany(
+                "UPDATE tokens SET last_used_at = $1, last_used_ip = $2"
+                " WHERE id = $3 AND (last_used_at IS NULL OR last_used_at < $1)",
+                rows,
+            )
+
+    async def _note_change(self, connection: asyncpg.Connection, token_id: str) -> None:
+        if self.record_changes:
+            await connection.execute("INSERT INTO token_changes (token_id) VALUES ($1)", token_id)
+
+    async def pending_changes(self, limit: int = 1000) -> list[tuple[int, str]]:
+        async with self._connection() as connection:
+            rows = await connection.fetch("SELECT seq, token_id FROM token_changes ORDER BY seq LIMIT $1", limit)
+        return [(row["seq"], row["token_id"]) for row in rows]
+
+    async def acknowledge_changes(self, up_to_seq: int) -> None:
+        async with self._connection() as connection:
+            await connection.execute("DELETE FROM token_changes WHERE seq <= $1", up_to_seq)
+
+    # --- audit -----------------------------------------------------------------------------------------
+
+    async def append_audit(self, event: AuditEvent) -> None:
+        async with self._connection() as connection:
+            await _insert_event(connection, event)
+
+    async def list_audit(
+        self, *, token_id: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[AuditEvent], str | None]:
+        clauses: list[str] = []
+        parameters: list[Any] = []
+        if cursor is not None:
+            parameters.append(decode_cursor(cursor))
+            clauses.append(f"seq < ${len(parameters)}")
+        if token_id is not None:
+            parameters.append(token_id)
+            clauses.append(f"token_id = ${len(parameters)}")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        parameters.append(limit + 1)
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                f"SELECT * FROM audit_events {where} ORDER BY seq DESC LIMIT ${len(parameters)}", *parameters
+            )
+        next_cursor = encode_cursor(rows[limit - 1]["seq"]) if len(rows) > limit else None
+        return [_event_from_row(row) for row in rows[:limit]], next_cursor
+
+    # --- admin keys ------------------------------------------------------------------------------------
+
+    async def list_admin_keys(self) -> list[AdminKeyRecord]:
+        async with self._connection() as connection:
+            rows = await connection.fetch("SELECT * FROM admin_keys ORDER BY created_at, id")
+        return [
+            AdminKeyRecord(
+                id=row["id"], name=row["name"], role=row["role"], created_at=row["created_at"], key_hash=row["key_hash"]
+            )
+            for row in rows
+        ]
+
+    async def put_admin_key(self, record: AdminKeyRecord, event: AuditEvent | None = None) -> None:
+        async with self._transaction() as connection:
+            await connection.execute(
+                "INSERT INTO admin_keys (id, name, role, created_at, key_hash) VALUES ($1, $2, $3, $4, $5)"
+                " ON CONFLICT (id) DO UPDATE SET name = excluded.name, role = excluded.role,"
+                " key_hash = excluded.key_hash",
+                record.id, record.name, record.role, record.created_at, record.key_hash,
+            )
+            if event is not None:
+                await _insert_event(connection, event)
+
+    async def delete_admin_key(self, key_id: str, event: AuditEvent) -> None:
+        async with self._transaction() as connection:
+            # Lock every admin key row: two deletions of the last two admin keys must not both succeed.
+            rows = await connection.fetch("SELECT id, role FROM admin_keys WHERE role = 'admin' OR id = $1 FOR UPDATE", key_id)
+            roles = {row["id"]: row["role"] for row in rows}
+            if key_id not in roles:
+                raise AdminKeyNotFound(key_id)
+            if roles[key_id] == "admin" and sum(role == "admin" for role in roles.values()) == 1:
+                raise LastAdminKey(key_id)
+            await connection.execute("DELETE FROM admin_keys WHERE id = $1", key_id)
+            await _insert_event(connection, event)
+
+
+async def _insert_event(connection: asyncpg.Connection, event: AuditEvent) -> None:
+    await connection.execute(
+        "INSERT INTO audit_events (at, actor, action, token_id, details) VALUES ($1, $2, $3, $4, $5::jsonb)",
+        event.at, event.actor, event.action, event.token_id, json.dumps(event.details),
+    )
