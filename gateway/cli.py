@@ -3,6 +3,7 @@
     gateway serve                    proxy and admin API in one process (the embedded default)
     gateway proxy [--workers N]      the data plane only; N processes share the port (SO_REUSEPORT)
     gateway admin                    the control plane only
+    gateway migrate                  create or upgrade the store's schema, then exit
 
 `--forward-auth-listen HOST:PORT` (serve, proxy) also answers forward-auth requests on that address, from the
 same data plane; without an upstream, `gateway proxy` serves forward-auth alone.
@@ -30,7 +31,7 @@ from admin_api.admin_auth import AdminAuthenticator, admin_key_key
 from admin_api.app import create_admin_app
 from gateway import __version__
 from gateway.access_log import AccessLog, aiohttp_access_logger
-from gateway.core import open_core
+from gateway.core import create_store, open_core
 from gateway.demo_upstream import create_demo_upstream_app
 from gateway.forward_auth import forward_auth_handler_key
 from gateway.http_server import HandlerSite, HttpRunner
@@ -46,6 +47,7 @@ from gateway.settings import (
     load_settings,
     parse_listen_address,
 )
+from gateway.store import SchemaError, SchemaOutdated, StoreUnavailable
 from gateway.tls import ServerTls
 
 log = logging.getLogger("gateway")
@@ -57,13 +59,13 @@ FLAG_HELP = {
     "upstream": "URL of the API the gateway protects (required for the proxy)",
     "proxy_listen": "HOST:PORT the proxy listens on",
     "admin_listen": "HOST:PORT the admin API listens on (keep it on loopback or a private network)",
-    "database_url": "the store: sqlite:///RELATIVE/PATH or sqlite:////ABSOLUTE/PATH",
+    "database_url": "the store: sqlite:///PATH, or postgresql://USER@HOST:PORT/DATABASE for many hosts",
     "redis_url": "Redis shared by every gateway process: redis://, rediss:// or unix:// URL",
     "trusted_proxies": "comma-separated addresses/CIDRs whose X-Forwarded-For is believed",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "forward_auth_listen": "also answer forward-auth requests (nginx auth_request and the like) on this HOST:PORT",
 }
-PLANES = {"serve": ("proxy", "admin"), "proxy": ("proxy",), "admin": ("admin",)}
+PLANES = {"serve": ("proxy", "admin"), "proxy": ("proxy",), "admin": ("admin",), "migrate": ()}
 
 
 def _setting_help(name: str, defaults: dict[str, Any]) -> str:
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve": "run the proxy and the admin API in one process",
         "proxy": "run the proxy only (with GATEWAY_REDIS_URL, beside a separate admin process)",
         "admin": "run the admin API only (with GATEWAY_REDIS_URL, beside separate proxy processes)",
+        "migrate": "create or upgrade the store's schema to this version's, then exit",
     }
     for command, text in helps.items():
         sub = commands.add_parser(command, help=text, description=text)
@@ -119,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                 type=int,
                 default=1,
                 help="proxy processes sharing the port with SO_REUSEPORT, 1-64 (no environment variable; default 1)",
+            )
+        if command != "migrate":
+            sub.add_argument(
+                "--migrate",
+                action="store_true",
+                help="upgrade an older PostgreSQL schema on start instead of refusing to start",
             )
     return parser
 
@@ -161,6 +170,7 @@ async def run_planes(
     reuse_port: bool = False,
     parent_pid: int | None = None,
     worker: int = 0,
+    migrate: bool | None = None,
 ) -> None:
     """Run the given planes until SIGTERM or SIGINT (or, for a worker, its parent's death), then drain
     in-flight requests and return. SIGHUP reloads the TLS certificates."""
@@ -182,7 +192,7 @@ async def run_planes(
             await _start_site(runners[-1], demo_upstream, 1.0)
             log.info("demo upstream listening on http://%s", demo_upstream)
 
-        async with open_core(settings) as core:
+        async with open_core(settings, migrate=migrate) as core:
             if "admin" in planes:
                 authenticator = AdminAuthenticator(
                     core.store,
@@ -296,21 +306,43 @@ async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-def _proxy_worker(settings: Settings, parent_pid: int, worker: int) -> None:
+async def migrate_store(settings: Settings) -> str:
+    """`gateway migrate`: one line saying where the schema went."""
+    store = create_store(settings, migrate=False)
+    try:
+        await store.open()
+    except SchemaOutdated as outdated:
+        store = create_store(settings, migrate=True)
+        await store.open()  # upgrades, under the backend's lock
+        await store.close()
+        return f"upgraded the store's schema from version {outdated.found} to {outdated.newest}"
+    await store.close()
+    return "the store's schema is already the newest this gateway knows; nothing to do"
+
+
+def _proxy_worker(settings: Settings, parent_pid: int, worker: int, migrate: bool | None) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload relayed before the loop runs must not kill us
     _configure_logging(settings)
     try:
-        _run(run_planes(settings, ("proxy",), reuse_port=True, parent_pid=parent_pid, worker=worker))
-    except OSError as error:
-        print(f"gateway: cannot start: {error.strerror or error}", file=sys.stderr)
+        _run(
+            run_planes(settings, ("proxy",), reuse_port=True, parent_pid=parent_pid, worker=worker, migrate=migrate)
+        )
+    except (OSError, SchemaError, StoreUnavailable) as error:
+        print(f"gateway: cannot start: {_reason(error)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
-def _run_workers(settings: Settings, workers: int) -> int:
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error)
+
+
+def _run_workers(settings: Settings, workers: int, migrate: bool | None) -> int:
     """The parent of `gateway proxy --workers N`: starts N processes on one port, relays SIGTERM, waits."""
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_proxy_worker, args=(settings, os.getpid(), n), name=f"proxy-{n}")
+        context.Process(target=_proxy_worker, args=(settings, os.getpid(), n, migrate), name=f"proxy-{n}")
         for n in range(workers)
     ]
     for process in processes:
@@ -342,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = load_settings(config_path=arguments.config, overrides=overrides)
         if "proxy" in planes and settings.forward_auth_listen is None:
             settings.require_upstream()
-        if arguments.command != "serve" and settings.redis_url is None:
+        if arguments.command in ("proxy", "admin") and settings.redis_url is None:
             raise SettingsError(
                 f"'gateway {arguments.command}' runs beside other gateway processes, which only hear of token"
                 " changes through Redis: set GATEWAY_REDIS_URL, or run 'gateway serve' for one process"
@@ -355,12 +387,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"gateway: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     _configure_logging(settings)
+    if arguments.command == "migrate":
+        try:
+            print(f"gateway: {asyncio.run(migrate_store(settings))}", file=sys.stderr)
+        except (SchemaError, StoreUnavailable) as error:
+            print(f"gateway: cannot migrate: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
+        return
+    migrate = True if getattr(arguments, "migrate", False) else None  # None: the backend's default
     if workers > 1:
-        raise SystemExit(_run_workers(settings, workers))
+        raise SystemExit(_run_workers(settings, workers, migrate))
     try:
-        _run(run_planes(settings, planes, demo_upstream=demo))
-    except (OSError, ssl.SSLError) as error:
-        print(f"gateway: cannot start: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
+        _run(run_planes(settings, planes, demo_upstream=demo, migrate=migrate))
+    except (OSError, ssl.SSLError, SchemaError, StoreUnavailable) as error:
+        print(f"gateway: cannot start: {_reason(error)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

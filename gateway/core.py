@@ -59,27 +59,27 @@ class Core:
 core_key = web.AppKey("core", Core)
 
 
-def create_store(settings: Settings, *, migrate: bool = False) -> TokenStore:
-    """The configured backend, not yet open. SQLite always upgrades its own file; PostgreSQL only when asked
-    (`gateway migrate`, or `--migrate` on start), since many processes on many hosts share it."""
+def create_store(settings: Settings, *, migrate: bool | None = None) -> TokenStore:
+    """The configured backend, not yet open. By default (None) SQLite upgrades its own file on open, and
+    PostgreSQL, which many processes on many hosts share, only when asked (`gateway migrate`, `--migrate`)."""
     record_changes = settings.redis_url is not None
     if settings.postgres_url is not None:
         return PostgresStore(
             settings.postgres_url,
             password=settings.database_password,
             record_changes=record_changes,
-            migrate=migrate,
+            migrate=bool(migrate),
             pool_size=settings.database_pool_size,
             statement_timeout=settings.database_statement_timeout,
             connect_timeout=settings.database_connect_timeout,
         )
     assert settings.database_path is not None
-    return SQLiteStore(settings.database_path, record_changes=record_changes)
+    return SQLiteStore(settings.database_path, record_changes=record_changes, migrate=migrate is not False)
 
 
 @asynccontextmanager
 async def open_core(
-    settings: Settings, *, clock: Callable[[], datetime] = utc_now, migrate: bool = False
+    settings: Settings, *, clock: Callable[[], datetime] = utc_now, migrate: bool | None = None
 ) -> AsyncIterator[Core]:
     store = create_store(settings, migrate=migrate)
     await store.open()

@@ -46,7 +46,10 @@ class SchemaError(RuntimeError):
 
 
 class SchemaOutdated(SchemaError):
-    pass
+    def __init__(self, message: str, *, found: int, newest: int) -> None:
+        super().__init__(message)
+        self.found = found
+        self.newest = newest
 
 
 class SchemaTooNew(SchemaError):

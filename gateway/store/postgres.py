@@ -268,7 +268,9 @@ class PostgresStore:
         if version < len(MIGRATIONS):
             raise SchemaOutdated(
                 f"database {self.where} has schema version {version}, older than this gateway's"
-                f" ({len(MIGRATIONS)}): run 'gateway migrate' (or start with --migrate)"
+                f" ({len(MIGRATIONS)}): run 'gateway migrate' (or start with --migrate)",
+                found=version,
+                newest=len(MIGRATIONS),
             )
 
     async def migrate(self) -> tuple[int, int]:

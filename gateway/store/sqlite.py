@@ -192,7 +192,9 @@ class SQLiteStore:
                 if version < len(MIGRATIONS):
                     raise SchemaOutdated(
                         f"database {str(self.path)!r} has schema version {version}, older than this gateway's"
-                        f" ({len(MIGRATIONS)}): run 'gateway migrate'"
+                        f" ({len(MIGRATIONS)}): run 'gateway migrate'",
+                        found=version,
+                        newest=len(MIGRATIONS),
                     )
         except BaseException:
             connection.close()

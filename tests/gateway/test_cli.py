@@ -95,7 +95,9 @@ async def test_missing_upstream_stops_start_up_with_one_clear_line(tmp_path: Pat
         ("GATEWAY_TRUSTED_PROXIES", "10.0.0.0/33"),
         ("GATEWAY_ADMIN_KEY", "short"),
         ("GATEWAY_UPSTREAM_TIMEOUT", "-1"),
-        ("GATEWAY_DATABASE_URL", "postgres://x"),
+        ("GATEWAY_DATABASE_URL", "mysql://x"),
+        ("GATEWAY_DATABASE_URL", "postgres:///tokens"),
+        ("GATEWAY_DATABASE_POOL_SIZE", "0"),
     ],
 )
 async def test_bad_setting_stops_start_up_naming_it(tmp_path: Path, variable: str, value: str) -> None:
