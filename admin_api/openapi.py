@@ -86,8 +86,21 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             "last_used_at": _nullable(TIMESTAMP),
             "last_used_ip": _nullable({"type": "string"}),
             "previous_secret_expires_at": _nullable(TIMESTAMP),
+            "version": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "Grows by one with every change; send it back in an edit to refuse a stale one.",
+            },
         }
     )
+    edit_fields: dict[str, Schema] = {
+        **token_fields,
+        "version": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "The version this edit was made from; if the token has changed since: 409 `conflict`.",
+        },
+    }
     admin_key = _object(
         {
             "id": {"type": "string"},
@@ -109,7 +122,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             required=("type", "title", "status", "detail", "code"),
         ),
         "TokenCreate": _object(token_fields, required=("name", "access_level")),
-        "TokenEdit": _object(token_fields, required=()),
+        "TokenEdit": _object(edit_fields, required=()),
         "TokenRotate": _object(
             {"grace_seconds": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_GRACE_SECONDS})},
             required=(),
@@ -197,7 +210,10 @@ PROBLEMS: dict[str, Schema] = {
     "401": _problem("No admin key, or not a valid one.", header="WWW-Authenticate"),
     "403": _problem("The admin key's role may only read (`insufficient_role`)."),
     "404": _problem("There is no such token or admin key."),
-    "409": _problem("The last key with the admin role cannot be deleted (`last_admin_key`)."),
+    "409": _problem(
+        "The last key with the admin role cannot be deleted (`last_admin_key`); or the token changed since the"
+        " version an edit was made from (`conflict`)."
+    ),
     "413": _problem("The body is larger than the admin API accepts."),
     "429": _problem(
         "Too many wrong admin keys from this address (`too_many_failures`); retry after `Retry-After` seconds.",
@@ -305,7 +321,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                 "editToken",
                 "Edit a token's name, access level, IP ranges or expiry",
                 {"200": token},
-                "400 401 403 404 413",
+                "400 401 403 404 409 413",
                 body="TokenEdit",
                 body_required=False,
                 parameters=token_id,

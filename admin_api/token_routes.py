@@ -22,6 +22,7 @@ from admin_api.validation import (
     parse_name,
     parse_status,
     parse_time_parameter,
+    parse_version,
     query_parameters,
     read_json_object,
 )
@@ -34,7 +35,7 @@ from gateway.tokens import AuditEvent, TokenRecord, TokenStatus, format_time
 routes = web.RouteTableDef()
 
 CREATE_FIELDS = frozenset({"name", "access_level", "allowed_ip_ranges", "expires_at"})
-EDIT_FIELDS = CREATE_FIELDS
+EDIT_FIELDS = CREATE_FIELDS | {"version"}
 ROTATE_FIELDS = frozenset({"grace_seconds"})
 
 
@@ -177,8 +178,16 @@ async def edit_token(request: web.Request) -> web.Response:
         wanted["allowed_ip_ranges"] = parse_ip_ranges(body["allowed_ip_ranges"])
     if "expires_at" in body:
         wanted["expires_at"] = parse_expires_at(body["expires_at"], now=core.clock())
+    expected = parse_version(body["version"]) if "version" in body else None
 
     def edit(current: TokenRecord) -> tuple[TokenRecord, AuditEvent]:
+        if expected is not None and current.version != expected:
+            raise GatewayError(
+                409,
+                "conflict",
+                f"The token is at version {current.version}, not {expected}: it changed since you read it."
+                " Read it again and reapply your edit.",
+            )
         changes = {
             field: {"from": _audit_value(getattr(current, field)), "to": _audit_value(value)}
             for field, value in wanted.items()

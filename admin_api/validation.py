@@ -42,6 +42,12 @@ async def read_json_object(request: web.Request, allowed: Collection[str]) -> di
     return body
 
 
+def parse_version(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
+        raise bad_request("version", "version must be a token's version, a positive integer.", "invalid_version")
+    return value
+
+
 def parse_name(value: Any) -> str:
     if not isinstance(value, str):
         raise bad_request("name", "name must be a string.", "invalid_name")

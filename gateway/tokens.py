@@ -84,6 +84,7 @@ class TokenRecord:
             "last_used_at": format_time(self.last_used_at),
             "last_used_ip": self.last_used_ip,
             "previous_secret_expires_at": format_time(self.previous_secret_expires_at),
+            "version": self.version,
         }
 
 
@@ -120,12 +121,7 @@ class AdminKeyRecord:
 
 def record_to_json(record: TokenRecord) -> dict[str, Any]:
     """The whole record, hashes included, for the shared cache (Redis). Never a secret."""
-    return {
-        **record.view(),
-        "secret_hash": record.secret_hash,
-        "previous_secret_hash": record.previous_secret_hash,
-        "version": record.version,
-    }
+    return {**record.view(), "secret_hash": record.secret_hash, "previous_secret_hash": record.previous_secret_hash}
 
 
 def record_from_json(data: dict[str, Any]) -> TokenRecord:

@@ -33,6 +33,7 @@ VIEW_FIELDS = {
     "last_used_at",
     "last_used_ip",
     "previous_secret_expires_at",
+    "version",
 }
 UNKNOWN_ID = "0000000000000000"
 
@@ -236,8 +237,9 @@ async def test_patch_changes_one_field_and_keeps_the_others(
 
     assert status == 200, edited
     assert edited[field] == shown
-    unchanged = {key for key in VIEW_FIELDS if key not in {field, "updated_at"}}
+    unchanged = {key for key in VIEW_FIELDS if key not in {field, "updated_at", "version"}}
     assert {key: edited[key] for key in unchanged} == {key: before[key] for key in unchanged}
+    assert edited["version"] == before["version"] + 1
     assert await token_view(gateway, created["id"]) == edited
 
 
