@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from gateway.background import raise_if_cancelling
 from gateway.redis_tokens import RedisTokens
-from gateway.store.base import TokenStore
+from gateway.store.base import StoreUnavailable, TokenStore
 from gateway.token_cache import TokenCache
 from gateway.tokens import TokenRecord
 
@@ -74,7 +74,7 @@ class RedisTokenChanges:
     async def _deliver_soon(self) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(self.deliver()), timeout=self._delivery_timeout)
-        except (TimeoutError, RedisError, OSError) as error:
+        except (TimeoutError, RedisError, OSError, StoreUnavailable) as error:
             log.warning("token change committed but not yet delivered to Redis (%s); retrying", type(error).__name__)
 
     async def deliver(self) -> int:
@@ -103,7 +103,7 @@ class RedisTokenChanges:
         while True:
             try:
                 await self.deliver()
-            except (RedisError, OSError) as error:
+            except (RedisError, OSError, StoreUnavailable) as error:
                 raise_if_cancelling()
                 log.debug("outbox delivery failed: %s", type(error).__name__)
             await asyncio.sleep(interval)

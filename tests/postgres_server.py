@@ -30,7 +30,10 @@ def _bin_directory() -> Path:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    """`durable=False` trades the last commits before a crash for speed; tests that crash the server keep them."""
+
+    def __init__(self, *, durable: bool = False) -> None:
+        self.durable = durable
         self.bin = _bin_directory()
         self.port = free_port()
         self.directory = Path(tempfile.mkdtemp(prefix="gateway-postgres-"))
@@ -73,8 +76,10 @@ class PostgresServer:
     def start(self) -> None:
         options = (
             f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
-            " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            " -c full_page_writes=off -c max_connections=200"
         )
+        if not self.durable:
+            options += " -c synchronous_commit=off"
         self._run(
             str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.directory / "log"),
             "-o", options, "-w", "-t", "30", "start",
