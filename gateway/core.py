@@ -7,6 +7,7 @@ store) and changes travel through Redis to every process.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from gateway.secrets import SecretHasher
 from gateway.settings import Settings
 from gateway.store import SQLiteStore, TokenStore
 from gateway.store.postgres import PostgresStore
+from gateway.store_notifications import StoreNotificationListener
 from gateway.token_cache import TokenCache
 from gateway.token_changes import LocalTokenChanges, RedisTokenChanges, TokenChanges
 from gateway.tokens import utc_now
@@ -51,6 +53,8 @@ class Core:
     changes: TokenChanges
     metrics: Metrics
     shared: SharedCache | None = None
+    # With PostgreSQL: the store's own change notifications, heard by the proxy plane beside Redis.
+    store_listener: StoreNotificationListener | None = None
     # The wall clock the admin API stamps changes with (creation, rotation grace, expiry checks); a test
     # sets it to another moment to see grace and expiry end through the proxy without waiting.
     clock: Callable[[], datetime] = utc_now
@@ -86,7 +90,10 @@ async def open_core(
     hasher = SecretHasher(settings.argon2)
     client = connect(settings.redis_url.reveal()) if settings.redis_url is not None else None
     try:
-        yield _assemble(settings, store, hasher, client, clock)
+        core = _assemble(settings, store, hasher, client, clock)
+        if isinstance(store, PostgresStore):
+            core = dataclasses.replace(core, store_listener=StoreNotificationListener(store, store, core.tokens))
+        yield core
     finally:
         if client is not None:
             await client.aclose()

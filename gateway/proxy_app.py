@@ -197,4 +197,7 @@ def create_proxy_app(core: Core) -> web.Application:
     if core.shared is not None:
         listener = core.shared.listener
         app.cleanup_ctx.append(background_task("token-change-listener", lambda app: listener.run()))
+    if core.store_listener is not None:
+        store_listener = core.store_listener
+        app.cleanup_ctx.append(background_task("store-change-listener", lambda app: store_listener.run()))
     return app

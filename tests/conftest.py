@@ -360,6 +360,8 @@ async def start_gateway(
         )
         if core.shared is not None and proxy is not None:
             await asyncio.wait_for(core.shared.listener.connected.wait(), timeout=10)
+        if core.store_listener is not None and proxy is not None:
+            await asyncio.wait_for(core.store_listener.connected.wait(), timeout=10)
         return started[-1]
 
     yield start

@@ -56,6 +56,15 @@ class SchemaTooNew(SchemaError):
     pass
 
 
+class ChangeFeed(Protocol):
+    """A store that announces each committed change itself (PostgreSQL's LISTEN/NOTIFY)."""
+
+    async def listen(self, changed: Callable[[str], None], connected: Callable[[], None]) -> None:
+        """Until cancelled: call `connected()` after each (re)connection, then `changed(token_id)` for every
+        change committed after it. Reconnects with backoff; never returns."""
+        ...
+
+
 class TokenStore(Protocol):
     reads: int
     """Token reads served so far; tests count them to prove the hot path stays off the store."""

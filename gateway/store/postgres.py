@@ -4,14 +4,20 @@ Every change is one transaction holding its row, its audit event and (with Redis
 reads the current row FOR UPDATE, so two admin processes changing one token queue on the row lock and the
 second applies its change to what the first wrote: no update is ever lost.
 
+Each change also NOTIFYs its token id from its transaction, so every proxy hears of it from the store
+itself, on a dedicated connection (`listen`), even while Redis is down.
+
 Statements are cancelled by the server after `statement_timeout`, and abandoned by the client shortly after;
 a store that does not answer raises StoreUnavailable, which callers turn into their own 503.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -19,6 +25,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from gateway.background import raise_if_cancelling
 from gateway.settings import Secret, redact_url
 from gateway.store.base import (
     AdminKeyNotFound,
@@ -77,6 +84,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
     ),
 )
+
+log = logging.getLogger(__name__)
+
+# Each change's transaction notifies this channel with the token id; NOTIFY is delivered at commit, only.
+CHANGES_CHANNEL = "gateway_token_changes"
 
 # pg_advisory_xact_lock key under which migrations run: any constant, the same in every gateway process.
 MIGRATION_LOCK = 0x6761_7465_7761_7901
@@ -372,8 +384,45 @@ class PostgresStore:
             )
 
     async def _note_change(self, connection: asyncpg.Connection, token_id: str) -> None:
+        await connection.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, token_id)
         if self.record_changes:
             await connection.execute("INSERT INTO token_changes (token_id) VALUES ($1)", token_id)
+
+    async def listen(self, changed: Callable[[str], None], connected: Callable[[], None]) -> None:
+        backoff = 0.05
+        announced_loss = False
+        while True:
+            connection: asyncpg.Connection | None = None
+            try:
+                connection = await asyncpg.connect(
+                    dsn=self._url.reveal(),
+                    password=self._password.reveal() if self._password is not None else None,
+                    timeout=self.connect_timeout,
+                    server_settings={"application_name": "api-token-gateway-listener"},
+                )
+                lost = asyncio.Event()
+                connection.add_termination_listener(lambda _connection: lost.set())
+                await connection.add_listener(
+                    CHANGES_CHANNEL, lambda _connection, _pid, _channel, payload: changed(payload)
+                )
+                connected()
+                backoff, announced_loss = 0.05, False
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), timeout=1.0)
+                    if not lost.is_set():  # a peer gone without a FIN shows itself here, within a second
+                        await connection.fetchval("SELECT 1", timeout=self.connect_timeout)
+                raise ConnectionResetError("the listening connection closed")
+            except (*_UNAVAILABLE, asyncpg.PostgresError) as error:
+                raise_if_cancelling()
+                if not announced_loss:
+                    log.warning("store change notifications lost (%s); reconnecting", type(error).__name__)
+                    announced_loss = True
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+            finally:
+                if connection is not None and not connection.is_closed():
+                    connection.terminate()
 
     async def pending_changes(self, limit: int = 1000) -> list[tuple[int, str]]:
         async with self._connection() as connection:
