@@ -135,7 +135,8 @@ def _assemble(
         shared_tokens, settings.access_levels, ttl=settings.cache_ttl, origin=store, **cache_options  # type: ignore[arg-type]
     )
     usage = RedisUsage(client, key_prefix=settings.redis_key_prefix)
-    changes = RedisTokenChanges(store, shared_tokens, local_cache=tokens)
+    turn = store.delivery_turn if isinstance(store, PostgresStore) else None
+    changes = RedisTokenChanges(store, shared_tokens, local_cache=tokens, turn=turn)
     return Core(
         settings=settings,
         store=store,

@@ -197,6 +197,9 @@ def create_proxy_app(core: Core) -> web.Application:
     if core.shared is not None:
         listener = core.shared.listener
         app.cleanup_ctx.append(background_task("token-change-listener", lambda app: listener.run()))
+        if core.shared.changes.turn is not None:  # one process at a time delivers: any that is up does
+            changes = core.shared.changes
+            app.cleanup_ctx.append(background_task("change-delivery", lambda app: changes.run()))
     if core.store_listener is not None:
         store_listener = core.store_listener
         app.cleanup_ctx.append(background_task("store-change-listener", lambda app: store_listener.run()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from redis.exceptions import RedisError
@@ -22,6 +23,10 @@ from gateway.token_cache import TokenCache
 from gateway.tokens import TokenRecord
 
 log = logging.getLogger(__name__)
+
+
+class DeliveryTurn(Protocol):
+    def __call__(self, *, wait: bool) -> AbstractAsyncContextManager[bool]: ...
 
 
 class TokenChanges(Protocol):
@@ -53,13 +58,18 @@ class RedisTokenChanges:
         *,
         local_cache: TokenCache | None = None,
         delivery_timeout: float = 1.0,
+        turn: DeliveryTurn | None = None,
     ) -> None:
+        """`turn`, when the store offers one, lets one process at a time deliver: then every process (the
+        proxies too) runs the delivery loop, and the outbox drains while any of them is up."""
         self._store = store
+        self.turn = turn
         self._tokens = tokens
         self._local = local_cache
         self._delivery_timeout = delivery_timeout
         self._lock = asyncio.Lock()
         self.delivered = 0
+        self._running = False
 
     async def changed(self, record: TokenRecord) -> None:
         if self._local is not None:
@@ -77,32 +87,49 @@ class RedisTokenChanges:
         except (TimeoutError, RedisError, OSError, StoreUnavailable) as error:
             log.warning("token change committed but not yet delivered to Redis (%s); retrying", type(error).__name__)
 
-    async def deliver(self) -> int:
-        """Deliver every pending change; returns how many token ids were published."""
+    async def deliver(self, *, wait: bool = True) -> int:
+        """Deliver every pending change; returns how many token ids were published. With `wait` False, give
+        up at once if another process is delivering."""
         async with self._lock:
-            pending = await self._store.pending_changes()
-            if not pending:
-                return 0
-            token_ids = list(dict.fromkeys(token_id for _, token_id in pending))
-            announced: list[tuple[str, float | None]] = []
-            for token_id in token_ids:
-                record = await self._store.get_token(token_id)
-                if record is None:
-                    await self._tokens.write_tombstone(token_id)
-                    announced.append((token_id, None))
-                else:
-                    await self._tokens.write(record)
-                    announced.append((token_id, record.updated_at.timestamp()))
-            await self._tokens.publish(announced)
-            await self._store.acknowledge_changes(pending[-1][0])
-            self.delivered += len(token_ids)
-            return len(token_ids)
+            if self.turn is None:
+                return await self._deliver_pending()
+            async with self.turn(wait=wait) as mine:
+                return await self._deliver_pending() if mine else 0
+
+    async def _deliver_pending(self) -> int:
+        pending = await self._store.pending_changes()
+        if not pending:
+            return 0
+        token_ids = list(dict.fromkeys(token_id for _, token_id in pending))
+        announced: list[tuple[str, float | None]] = []
+        for token_id in token_ids:
+            record = await self._store.get_token(token_id)
+            if record is None:
+                await self._tokens.write_tombstone(token_id)
+                announced.append((token_id, None))
+            else:
+                await self._tokens.write(record)
+                announced.append((token_id, record.updated_at.timestamp()))
+        await self._tokens.publish(announced)
+        await self._store.acknowledge_changes(pending[-1][0])
+        self.delivered += len(token_ids)
+        return len(token_ids)
 
     async def run(self, interval: float = 1.0) -> None:
-        """Retry delivery until cancelled (it only has work after Redis was unreachable)."""
+        """Retry delivery until cancelled (it only has work after Redis was unreachable). One loop per
+        process: a second caller (both planes in one process) returns at once."""
+        if self._running:
+            return
+        self._running = True
+        try:
+            await self._retry(interval)
+        finally:
+            self._running = False
+
+    async def _retry(self, interval: float) -> None:
         while True:
             try:
-                await self.deliver()
+                await self.deliver(wait=False)
             except (RedisError, OSError, StoreUnavailable) as error:
                 raise_if_cancelling()
                 log.debug("outbox delivery failed: %s", type(error).__name__)

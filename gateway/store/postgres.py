@@ -90,8 +90,10 @@ log = logging.getLogger(__name__)
 # Each change's transaction notifies this channel with the token id; NOTIFY is delivered at commit, only.
 CHANGES_CHANNEL = "gateway_token_changes"
 
-# pg_advisory_xact_lock key under which migrations run: any constant, the same in every gateway process.
+# Advisory lock keys: any constants, the same in every gateway process. Migrations run under the first (for
+# their transaction), outbox delivery to Redis under the second (for one delivery, by one process at a time).
 MIGRATION_LOCK = 0x6761_7465_7761_7901
+DELIVERY_LOCK = 0x6761_7465_7761_7902
 
 _COLUMN_NAMES = (
     "id", "name", "access_level", "allowed_ip_ranges", "status", "expires_at", "created_at", "updated_at",
@@ -387,6 +389,22 @@ class PostgresStore:
         await connection.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, token_id)
         if self.record_changes:
             await connection.execute("INSERT INTO token_changes (token_id) VALUES ($1)", token_id)
+
+    @asynccontextmanager
+    async def delivery_turn(self, *, wait: bool) -> AsyncIterator[bool]:
+        """Whether this process may deliver the outbox now: one process at a time, under an advisory lock on
+        one pooled connection (the pool's reset on release unlocks it even if the unlock never ran)."""
+        async with self._connection() as connection:
+            if wait:
+                await connection.execute("SELECT pg_advisory_lock($1)", DELIVERY_LOCK)
+                mine = True
+            else:
+                mine = bool(await connection.fetchval("SELECT pg_try_advisory_lock($1)", DELIVERY_LOCK))
+            try:
+                yield mine
+            finally:
+                if mine:
+                    await connection.execute("SELECT pg_advisory_unlock($1)", DELIVERY_LOCK)
 
     async def listen(self, changed: Callable[[str], None], connected: Callable[[], None]) -> None:
         backoff = 0.05

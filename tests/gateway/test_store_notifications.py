@@ -10,9 +10,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, eventually
 from tests.gateway.test_shared_cache import Cluster, start_cluster
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.parametrize("store_backend", ["postgresql"], indirect=True)
 
@@ -81,3 +81,30 @@ async def test_every_lifecycle_change_reaches_both_replicas_on_postgres(cluster:
     await cluster.until_all(token, (403, "ip_not_allowed"))
     await cluster.admin.admin_call("PATCH", f"/v1/tokens/{token_id}", json={"access_level": "restricted_read_only", "allowed_ip_ranges": []})
     await cluster.until_all(token, (403, "insufficient_access_level"))
+
+
+async def test_a_change_whose_admin_never_reached_redis_is_delivered_by_a_proxy(
+    cluster: Cluster, start_gateway: GatewayFactory, own_redis: RedisServer
+) -> None:
+    """Without it, Redis would keep the token's stale 'enabled' entry for redis_entry_ttl, and a proxy with a
+    cold cache would believe it."""
+    created = await cluster.admin.create_token()
+    assert await cluster.statuses(created["token"]) == [(200, None)] * 2  # Redis holds it, enabled
+    def deliveries() -> int:
+        return sum(replica.core.shared.changes.delivered for replica in cluster.replicas)  # type: ignore[union-attr]
+
+    before = deliveries()
+    cut_off = await start_gateway(planes=("admin",), redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    status, _ = await cut_off.admin_call("POST", f"/v1/tokens/{created['id']}/disable")
+    assert status == 200
+    await cut_off.close()
+    await cluster.admin.close()  # no admin process is left to deliver the outbox
+
+    async def delivered() -> bool:
+        return await cluster.replicas[0].core.store.pending_changes() == []
+
+    await eventually(delivered)
+    cold = await start_gateway(planes=("proxy",), redis_url=own_redis.url, cache_ttl=60)
+    response = await cold.call(created["token"])
+    assert response.status == 401 and (await response.json())["code"] == "token_disabled"
+    assert deliveries() > before  # by a replica: no admin process was up
