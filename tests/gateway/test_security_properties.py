@@ -4,19 +4,38 @@ from __future__ import annotations
 
 import ast
 import logging
+import subprocess
 from pathlib import Path
 
 import pytest
 import redis.asyncio as redis
 
 from gateway.token_format import parse_token
-from tests.conftest import ADMIN_KEY, GatewayFactory, Upstream, send_raw
+from tests.conftest import ADMIN_KEY, GatewayFactory, Upstream, both_store_backends, send_raw
+from tests.postgres_server import PASSWORD, PostgresServer
 
 SOURCE = Path(__file__).resolve().parents[2]
 
 
+def _database_bytes(database: Path | None, database_url: str, request: pytest.FixtureRequest) -> bytes:
+    """Everything the store holds: the SQLite file with its WAL, or a pg_dump of the PostgreSQL database."""
+    if database is not None:
+        return b"".join(p.read_bytes() for p in database.parent.iterdir() if p.name.startswith(database.name))
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    dump = subprocess.run(
+        [str(server.bin / "pg_dump"), f"--dbname={database_url}"], capture_output=True, check=True, timeout=60
+    )
+    assert b"CREATE TABLE public.tokens" in dump.stdout
+    return dump.stdout
+
+
+@both_store_backends
 async def test_whole_lifecycle_with_redis_and_debug_logs_leaks_no_secret(
-    start_gateway: GatewayFactory, redis_url: str, caplog: pytest.LogCaptureFixture
+    start_gateway: GatewayFactory,
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
+    database_url: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     admin = await start_gateway(planes=("admin",), redis_url=redis_url)
@@ -70,7 +89,8 @@ async def test_whole_lifecycle_with_redis_and_debug_logs_leaks_no_secret(
         await client.aclose()
     for gateway in (replica, admin):
         await gateway.close()
-    database = b"".join(p.read_bytes() for p in admin.database.parent.iterdir() if p.name.startswith("gateway.db"))
+    database = _database_bytes(admin.database, database_url, request)
+    secrets += [PASSWORD] if database_url.startswith("postgresql") else []  # the database password too
 
     access_lines = "\n".join(replica.access_lines())
     assert access_lines.count("\n") > 0  # the replica's proxy did log its requests
