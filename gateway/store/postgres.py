@@ -94,6 +94,7 @@ CHANGES_CHANNEL = "gateway_token_changes"
 # their transaction), outbox delivery to Redis under the second (for one delivery, by one process at a time).
 MIGRATION_LOCK = 0x6761_7465_7761_7901
 DELIVERY_LOCK = 0x6761_7465_7761_7902
+MIGRATION_TIMEOUT = 3600.0  # seconds the client waits for one migration statement
 
 _COLUMN_NAMES = (
     "id", "name", "access_level", "allowed_ip_ranges", "status", "expires_at", "created_at", "updated_at",
@@ -290,7 +291,9 @@ class PostgresStore:
     async def migrate(self) -> tuple[int, int]:
         """Under a transaction-scoped advisory lock: a second process waits, then finds the work done."""
         async with self._transaction() as connection:
-            await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            # A migration may rewrite a large table, and may wait for another process's: no statement timeout.
+            await connection.execute("SET LOCAL statement_timeout = 0")
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK, timeout=MIGRATION_TIMEOUT)
             before = await self._version(connection)
             if before > len(MIGRATIONS):
                 raise self._too_new(before)
@@ -299,7 +302,7 @@ class PostgresStore:
                 await connection.execute("INSERT INTO schema_version (version) VALUES (0)")
             for statements in MIGRATIONS[before:]:
                 for statement in statements:
-                    await connection.execute(statement)
+                    await connection.execute(statement, timeout=MIGRATION_TIMEOUT)
             await connection.execute("UPDATE schema_version SET version = $1", len(MIGRATIONS))
         return before, len(MIGRATIONS)
 
