@@ -434,7 +434,7 @@ class PostgresStore:
                     if not lost.is_set():  # a peer gone without a FIN shows itself here, within a second
                         await connection.fetchval("SELECT 1", timeout=self.connect_timeout)
                 raise ConnectionResetError("the listening connection closed")
-            except (*_UNAVAILABLE, asyncpg.PostgresError) as error:
+            except Exception as error:  # whatever broke the connection, the listener must live on
                 raise_if_cancelling()
                 if not announced_loss:
                     log.warning("store change notifications lost (%s); reconnecting", type(error).__name__)
