@@ -108,6 +108,7 @@ _CHANGE_ASSIGNMENTS = ", ".join(f"{column} = ${number}" for number, column in en
 
 # What "the database did not answer" looks like from asyncpg: refused or reset sockets, timeouts, a server
 # shutting down or starting up, a connection that broke mid-statement, a statement cancelled by its timeout.
+# Each is turned into StoreUnavailable; the pool replaces a broken connection on a later acquire.
 _UNAVAILABLE = (
     OSError,
     TimeoutError,
@@ -116,6 +117,7 @@ _UNAVAILABLE = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.QueryCanceledError,
+    asyncpg.InternalClientError,  # a pooled connection whose socket died mid-operation can report this
 )
 
 
