@@ -104,7 +104,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return error_response(error)
     except StoreUnavailable:
         log.warning("the store failed on %s %s", request.method, request.rel_url.path, exc_info=True)
-        return problem_response(503, "store_unavailable", "The token store is not answering; try again shortly.")
+        return problem_response(
+            503, "store_unavailable", "The token store is not answering; try again shortly.", headers={"Retry-After": "1"}
+        )
     except web.HTTPException as http_error:
         if http_error.status < 400:
             raise
@@ -112,11 +114,6 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         detail = http_error.text if http_error.text and http_error.text != http_error.reason else f"{http_error.reason}."
         headers = {k: v for k, v in http_error.headers.items() if k.lower() in {"allow", "retry-after"}}
         return problem_response(http_error.status, code, detail.removeprefix(f"{http_error.status}: "), headers=headers)
-    except StoreUnavailable as error:
-        log.warning("the store is not answering: %s", error)
-        return problem_response(
-            503, "store_unavailable", "The token store is not answering; try again shortly.", headers={"Retry-After": "1"}
-        )
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.rel_url.path)
         return problem_response(500, "internal_error", "The gateway failed to handle this request.")
