@@ -35,6 +35,11 @@ from gateway.problems import GatewayError, problem_bytes
 log = logging.getLogger(__name__)
 
 RequestHandler = Callable[["HttpRequest"], Awaitable[None]]
+# What an upgraded connection's bytes and events go to (tunnel.py): data, end of input (True keeps the socket
+# open half-closed), loss, and the client's write buffer filling up and draining.
+TunnelCallbacks = tuple[
+    Callable[[bytes], None], Callable[[], bool], Callable[[], None], Callable[[], None], Callable[[], None]
+]
 
 BODY_HIGH_WATER = 256 * 1024  # buffered request body bytes before the socket stops being read
 LINGER_SECONDS = 2.0  # how long unread request bytes are drained after a final answer, so it is not reset
@@ -175,6 +180,7 @@ class HttpRequest:
         "status",
         "target",
         "token_id",
+        "upgrade",
         "upstream_seconds",
         "version",
     )
@@ -206,6 +212,7 @@ class HttpRequest:
         self.status = 0
         self.body_length = 0
         self.started = False
+        self.upgrade: bytes | None = None  # the Upgrade header's value (lower case) when the parser saw one
         self._chunked = False
         self._bodiless = False
         self._error: GatewayError | None = None
@@ -267,6 +274,25 @@ class HttpRequest:
         if self._chunked:
             self._conn.write(b"0\r\n\r\n")
 
+    def switch_protocols(
+        self,
+        headers: bytes,
+        on_data: Callable[[bytes], None],
+        on_eof: Callable[[], bool],
+        on_lost: Callable[[], None],
+        on_pause_writing: Callable[[], None],
+        on_resume_writing: Callable[[], None],
+    ) -> tuple[asyncio.Transport, bytes]:
+        """Answer 101 with `headers` and hand the connection over: from now on its bytes and events go to the
+        callbacks. Returns the transport (still paused for reading) and the bytes the client sent early."""
+        self.status = 101
+        self.started = True
+        self.keep_alive = False
+        return self._conn.switch_protocols(
+            b"HTTP/1.1 101 Switching Protocols\r\n" + headers + b"\r\n",
+            (on_data, on_eof, on_lost, on_pause_writing, on_resume_writing),
+        )
+
     def abort(self) -> None:
         """Cut the connection: the only signal left once the head is out and the body cannot be finished."""
         self.keep_alive = False
@@ -316,6 +342,8 @@ class HttpConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._lingering = False
         self._upgraded = False
+        self._early = b""  # bytes after an upgrade request's head, kept until the upgrade is decided
+        self._tunnel: TunnelCallbacks | None = None
 
     # -- transport callbacks -------------------------------------------------------------------------------
 
@@ -326,6 +354,8 @@ class HttpConnection(asyncio.Protocol):
         self._server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._tunnel is not None:
+            self._tunnel[2]()
         self._lost = True
         self.closing = True
         self._server.connections.discard(self)
@@ -342,16 +372,24 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._lingering or self._upgraded:
-            return  # the rest of a refused body, or bytes after an upgrade we do not perform
+            if self._tunnel is not None:
+                self._tunnel[0](data)
+            elif self._upgraded and not self._lingering:
+                self._early_bytes(data)
+            return  # the rest of a refused body, or bytes after an upgrade not (yet) performed
         ongoing_head = self._messages if self._head_started else -1
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # Upgrades (WebSocket) are not proxied: the upgrade request (the last one parsed) is answered as
-            # plain HTTP, without its Upgrade header, and the connection ends after it.
+        except httptools.HttpParserUpgrade as upgrade:
+            # The upgrade request is the last one parsed: the handler tunnels it (tunnel.py) or answers it as
+            # plain HTTP, without its Upgrade header; either way the connection ends after it. Bytes after its
+            # head are kept, unread, until then.
             self._upgraded = True
             if self._pipeline:
-                self._pipeline[-1].keep_alive = False
+                request = self._pipeline[-1]
+                request.keep_alive = False
+                request.upgrade = _upgrade_value(request.headers)
+            self._early_bytes(data[upgrade.args[0] :] if upgrade.args else b"")
             return
         except httptools.HttpParserCallbackError as error:
             if isinstance(error.__context__, _HeadTooLarge):
@@ -373,6 +411,8 @@ class HttpConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         """The client stopped sending: answer every complete request it sent (it may still read), in order,
         then close after the last one (the only answer that says so)."""
+        if self._tunnel is not None:
+            return self._tunnel[1]()
         if self._reading_body is not None:
             self._reading_body.fail(
                 GatewayError(400, "incomplete_body", "The connection ended before the request body did.")
@@ -386,10 +426,16 @@ class HttpConnection(asyncio.Protocol):
         return None
 
     def pause_writing(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel[3]()
+            return
         self._writing_paused = True
         self._update_reading()
 
     def resume_writing(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel[4]()
+            return
         self._writing_paused = False
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
@@ -627,7 +673,7 @@ class HttpConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        stop = self._body_backlogged or self._writing_paused or len(self._pipeline) > MAX_PIPELINE
+        stop = self._body_backlogged or self._writing_paused or len(self._pipeline) > MAX_PIPELINE or self._upgraded
         if stop and not self._lingering:
             if not self._reading_paused:
                 self._reading_paused = True
@@ -635,6 +681,23 @@ class HttpConnection(asyncio.Protocol):
         elif self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
+
+    def _early_bytes(self, data: bytes) -> None:
+        """Bytes after an upgrade request's head: kept for the tunnel; the socket is not read meanwhile."""
+        self._early += data
+        if self._transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def switch_protocols(self, head: bytes, tunnel: TunnelCallbacks) -> tuple[asyncio.Transport, bytes]:
+        if self._lost or self._transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        self._transport.write(head)
+        self._tunnel = tunnel
+        self._reading_paused = True  # the tunnel resumes reading once both sides are connected
+        self._transport.pause_reading()
+        early, self._early = self._early, b""
+        return self._transport, early
 
     def abort(self) -> None:
         self.closing = True
@@ -689,6 +752,13 @@ def _read_framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None,
         elif size == 6 and name.lower() == b"expect":
             expect = value.strip().lower() == b"100-continue"
     return has_body, length, expect, coding_ok, hosts
+
+
+def _upgrade_value(headers: list[tuple[bytes, bytes]]) -> bytes:
+    for name, value in headers:
+        if len(name) == 7 and name.lower() == b"upgrade":
+            return value.strip().lower()
+    return b""
 
 
 class HttpServer:

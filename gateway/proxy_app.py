@@ -41,14 +41,19 @@ from gateway.http_server import (
 )
 from gateway.problems import GatewayError
 from gateway.token_cache import CachedToken
+from gateway.tunnel import Tunnel, TunnelRegistry
 
 forwarder_key = web.AppKey("forwarder", UpstreamForwarder)
+tunnels_key = web.AppKey("tunnels", TunnelRegistry)
 
 
 class ProxyHandler:
     """Decides on one request (decision.py) and forwards it; every refusal is a GatewayError (problem+json)."""
 
-    def __init__(self, core: Core, decider: Decider, forwarder: UpstreamForwarder) -> None:
+    def __init__(
+        self, core: Core, decider: Decider, forwarder: UpstreamForwarder, tunnels: TunnelRegistry | None = None
+    ) -> None:
+        self._tunnels = tunnels
         self._usage = core.usage
         self._decider = decider
         self._forwarder = forwarder
@@ -90,9 +95,28 @@ class ProxyHandler:
         if request.body is not None and not decision.body_allowed:
             raise body_method_refused(token)
         self._usage.record(token_id, caller.client_ip)
+        if request.upgrade == b"websocket" and request.method == "GET" and self._tunnels is not None:
+            grant = _Grant(caller, token)
+            await self._tunnels.relay(request, decision.upstream_target, decision.upstream_head, token_id, grant)
+            return
         await self._forwarder.forward(
             request, decision.upstream_target, decision.upstream_head, max_body=decision.max_body
         )
+
+    async def still_allowed(self, tunnel: Tunnel) -> bool:
+        """Whether an open tunnel's token still allows it, judged as its upgrade request was; an outage of the
+        store (or a failure limit) keeps the last decision rather than closing on a guess."""
+        grant = tunnel.judged
+        assert isinstance(grant, _Grant)
+        request = tunnel.request
+        try:
+            token = await self._decider.token(grant.caller)
+            if token is not grant.token:
+                self._decider.judge(token, request.method, request.target, grant.caller.client_ip, body=False)
+                grant.token = token
+        except GatewayError as error:
+            return error.status == 429 or error.status >= 500
+        return True
 
     def _read_headers(self, request: HttpRequest) -> _SeenHeaders:
         authorization, forwarded_for = credential_headers(request.headers)
@@ -116,6 +140,17 @@ class _SeenHeaders:
         self.client_text = None if caller.client_ip is None else caller.client_ip.text  # for the access log
         self.upstream_head = upstream_head
         self.decision: _Decision | None = None
+
+
+class _Grant:
+    """What an open tunnel was allowed by: the caller it was judged as, and the cache entry that last allowed
+    it (entries are replaced on change, so a new one is judged again)."""
+
+    __slots__ = ("caller", "token")
+
+    def __init__(self, caller: Caller, token: CachedToken) -> None:
+        self.caller = caller
+        self.token = token
 
 
 class _Decision(NamedTuple):
@@ -172,10 +207,27 @@ async def _handlers(app: web.Application) -> AsyncIterator[None]:
     )
     forwarder = app[forwarder_key] = UpstreamForwarder(pool, upstream, body_timeout=settings.client_body_timeout)
     core.metrics.gauges["upstream_connections"] = lambda: pool.open_count
-    proxy: RequestHandler = ProxyHandler(core, decider, forwarder)
+    tunnels = app[tunnels_key] = TunnelRegistry(
+        upstream,
+        max_tunnels=settings.websocket_max_tunnels,
+        max_per_token=settings.websocket_max_tunnels_per_token,
+        idle_timeout=settings.websocket_idle_timeout,
+        connect_timeout=settings.upstream_connect_timeout,
+        read_timeout=settings.upstream_timeout,
+    )
+    handler = ProxyHandler(core, decider, forwarder, tunnels)
+    tunnels.judge = handler.still_allowed
+    proxy: RequestHandler = handler
     app[http_handler_key] = proxy
     yield
     await pool.close()
+
+
+async def _close_tunnels(app: web.Application) -> None:
+    """On shutdown: open tunnels get a close frame 1001 (going away) rather than holding the stop back."""
+    tunnels = app.get(tunnels_key)
+    if tunnels is not None:
+        tunnels.close_all()
 
 
 def create_proxy_app(core: Core) -> web.Application:
@@ -194,6 +246,10 @@ def create_proxy_app(core: Core) -> web.Application:
     )
     app.cleanup_ctx.append(_handlers)
     app.cleanup_ctx.append(background_task("usage-writer", lambda app: app[core_key].usage.run()))
+    app.cleanup_ctx.append(
+        background_task("tunnel-sweep", lambda app: app[tunnels_key].run() if tunnels_key in app else None)
+    )
+    app.on_shutdown.append(_close_tunnels)
     if core.shared is not None:
         listener = core.shared.listener
         app.cleanup_ctx.append(background_task("token-change-listener", lambda app: listener.run()))

@@ -87,6 +87,9 @@ class Settings:
     client_body_timeout: float
     client_header_timeout: float
     keepalive_timeout: float
+    websocket_idle_timeout: float
+    websocket_max_tunnels: int
+    websocket_max_tunnels_per_token: int
     max_header_count: int
     max_header_bytes: int
     failure_limit_per_source: int
@@ -395,6 +398,9 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "client_body_timeout": _as_float(0.1, 3600),
     "client_header_timeout": _as_float(0.1, 3600),
     "keepalive_timeout": _as_float(0.1, 3600),
+    "websocket_idle_timeout": _as_float(1, 86400),
+    "websocket_max_tunnels": _as_int(1, 10_000_000),
+    "websocket_max_tunnels_per_token": _as_int(1, 10_000_000),
     "max_header_count": _as_int(8, 1000),
     "max_header_bytes": _as_int(1024, 65536),
     "failure_limit_per_source": _as_int(1, 1_000_000),
@@ -549,6 +555,9 @@ def load_settings(
         client_body_timeout=values["client_body_timeout"],
         client_header_timeout=values["client_header_timeout"],
         keepalive_timeout=values["keepalive_timeout"],
+        websocket_idle_timeout=values["websocket_idle_timeout"],
+        websocket_max_tunnels=values["websocket_max_tunnels"],
+        websocket_max_tunnels_per_token=values["websocket_max_tunnels_per_token"],
         max_header_count=values["max_header_count"],
         max_header_bytes=values["max_header_bytes"],
         failure_limit_per_source=values["failure_limit_per_source"],

@@ -255,15 +255,38 @@ async def test_idle_keep_alive_connections_are_closed(start_gateway: GatewayFact
     writer.close()
 
 
-async def test_upgrade_requests_are_answered_as_plain_http_then_closed(
+async def test_upgrades_other_than_websocket_are_answered_as_plain_http_then_closed(
+    gateway: Gateway, connect: object, upstream: Upstream
+) -> None:
+    token = (await gateway.create_token())["token"]
+    client = await connect()  # type: ignore[operator]
+    await client.send(_get("/socket", token, "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n") + b"PRI *")
+    status, headers, _ = await client.response()
+    assert status == 200 and headers["connection"] == "close"
+    assert "upgrade" not in {name.lower() for name in upstream.last["headers"]}
+    assert await client.closed_by_server()
+
+
+async def test_a_websocket_upgrade_the_upstream_does_not_take_gets_its_answer_then_closes(
     gateway: Gateway, connect: object, upstream: Upstream
 ) -> None:
     token = (await gateway.create_token())["token"]
     client = await connect()  # type: ignore[operator]
     await client.send(_get("/socket", token, "Connection: Upgrade\r\nUpgrade: websocket\r\n"))
-    status, headers, _ = await client.response()
+    status, headers, body = await client.response()
     assert status == 200 and headers["connection"] == "close"
-    assert "upgrade" not in {name.lower() for name in upstream.last["headers"]}
+    assert json.loads(body)["raw_path"] == "/socket"
+    assert upstream.last["headers"]["Upgrade"] == "websocket"
+    assert "Authorization" not in upstream.last["headers"]
+    assert await client.closed_by_server()
+
+
+async def test_a_websocket_upgrade_with_a_body_is_refused(gateway: Gateway, connect: object) -> None:
+    token = (await gateway.create_token())["token"]
+    client = await connect()  # type: ignore[operator]
+    await client.send(_get("/socket", token, "Connection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 3\r\n") + b"abc")
+    status, _, body = await client.response()
+    assert status == 400 and json.loads(body)["code"] == "bad_request"
     assert await client.closed_by_server()
 
 
