@@ -217,9 +217,11 @@ async def _handlers(app: web.Application) -> AsyncIterator[None]:
     )
     handler = ProxyHandler(core, decider, forwarder, tunnels)
     tunnels.judge = handler.still_allowed
+    core.tokens.listeners.append(tunnels.token_changed)
     proxy: RequestHandler = handler
     app[http_handler_key] = proxy
     yield
+    core.tokens.listeners.remove(tunnels.token_changed)
     await pool.close()
 
 

@@ -17,7 +17,7 @@ import functools
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -81,6 +81,9 @@ class TokenCache:
         self._loads: dict[str, asyncio.Task[TokenRecord | None]] = {}
         # For metrics: lookups answered from memory (a fresh entry, or an id known not to exist), lookups
         # that waited for the source, and what the source answered when it is the store itself.
+        # Called with a token id after its entry changed or was dropped (None: every entry), so what holds a
+        # decision beyond one request (an open WebSocket tunnel, tunnel.py) can judge it again.
+        self.listeners: list[Callable[[str | None], None]] = []
         self.hits = 0
         self.misses = 0
         self.source_found = 0
@@ -213,6 +216,7 @@ class TokenCache:
         if previous is not None and previous.record.version > record.version:
             return
         self._insert(record.id, self._build(record, previous))
+        self._changed(record.id)
 
     def forget(self, token_id: str) -> None:
         """After a delete: drop the entry and any read in flight."""
@@ -220,6 +224,7 @@ class TokenCache:
         self._entries.pop(token_id, None)
         if self._negative_ttl > 0:
             self._insert(token_id, time.monotonic() + self._negative_ttl)
+        self._changed(token_id)
 
     def invalidate(self, token_id: str) -> None:
         """Another process changed the token: refresh it before its next use (and drop a read in flight)."""
@@ -229,6 +234,7 @@ class TokenCache:
             entry.loaded_at = -math.inf
         elif entry is not None:
             del self._entries[token_id]
+        self._changed(token_id)
 
     def invalidate_all(self) -> None:
         """After lost invalidations: every entry is refreshed before its next use, memos kept where valid."""
@@ -238,6 +244,11 @@ class TokenCache:
                 entry.loaded_at = -math.inf
             else:
                 del self._entries[token_id]
+        self._changed(None)
+
+    def _changed(self, token_id: str | None) -> None:
+        for listener in self.listeners:
+            listener(token_id)
 
     def clear(self) -> None:
         self._loads.clear()
