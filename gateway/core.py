@@ -142,7 +142,7 @@ def _assemble(
         store=store,
         hasher=hasher,
         tokens=tokens,
-        usage=UsageRecorder(usage, interval=settings.usage_flush_interval),
+        usage=UsageRecorder(usage, interval=settings.usage_flush_interval, outage=shared_tokens.outage),
         client_ips=client_ips,
         changes=changes,
         metrics=metrics,
@@ -151,7 +151,9 @@ def _assemble(
             tokens=shared_tokens,
             listener=InvalidationListener(client, shared_tokens, tokens, metrics=metrics),
             changes=changes,
-            usage_drainer=UsageDrainer(usage, store, interval=settings.usage_flush_interval),
+            usage_drainer=UsageDrainer(
+                usage, store, interval=settings.usage_flush_interval, source_outage=shared_tokens.outage
+            ),
         ),
         clock=clock,
     )

@@ -17,6 +17,7 @@ from time import perf_counter
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from gateway.http_server import HttpRequest, RequestBody, date_header
+from gateway.outage import OutageLog
 from gateway.problems import GatewayError
 from gateway.request_target import RequestTarget
 from gateway.upstream_client import (
@@ -234,6 +235,7 @@ class UpstreamForwarder:
         self._base_path = parts.path.rstrip("/")
         self.host = parts.netloc.rpartition("@")[2].encode("idna")
         self._body_timeout = body_timeout
+        self.outage = OutageLog(log, f"upstream {upstream}")
 
     def upstream_target(self, target: RequestTarget) -> str:
         """The target sent upstream: the judged (canonical) path under the upstream URL's base path, and the
@@ -271,12 +273,14 @@ class UpstreamForwarder:
             if isinstance(error, UpstreamTimeout) and not isinstance(error, UpstreamConnectError):
                 raise GatewayError(504, "upstream_timeout", "The upstream service did not answer in time.") from None
             if isinstance(error, (UpstreamConnectError, UpstreamConnectionError, UpstreamError, OSError)):
-                log.warning("upstream request failed: %s", type(error).__name__)
+                self.outage.failed(error, "answering 502 upstream_unavailable until it answers")
                 raise GatewayError(
                     502, "upstream_unavailable", "The upstream service could not be reached."
                 ) from None
             raise
         request.upstream_seconds = perf_counter() - started
+        if self.outage.down:
+            self.outage.recovered()
         length = upstream.content_length
         if (
             length is not None
@@ -302,7 +306,7 @@ class UpstreamForwarder:
             try:
                 body = await upstream.read_all(SMALL_BODY)
             except (UpstreamError, OSError) as error:
-                log.warning("upstream response broke off: %s", type(error).__name__)
+                self.outage.failed(error, "its response broke off (502)")
                 raise GatewayError(502, "upstream_unavailable", "The upstream response broke off.") from None
             request.respond(status, _reason(upstream), headers, body)
             return
@@ -317,7 +321,7 @@ class UpstreamForwarder:
             if isinstance(error, ConnectionResetError) and not isinstance(error, UpstreamError):
                 raise  # the client went away; the upstream connection is discarded
             # Headers are out: all we can do is cut the connection so the client sees a broken body.
-            log.warning("upstream response broke off mid-body: %s", type(error).__name__)
+            self.outage.failed(error, "its response broke off mid-body (the client's connection is cut)")
             request.abort()
             return
         request.finish_response()

@@ -56,6 +56,7 @@ class InvalidationListener:
                 if not first:
                     self._cache.invalidate_all()
                     self._tokens.distrust_for(self._distrust)
+                    self._tokens.outage.recovered()
                     log.info("token change channel reconnected; cached tokens will be refreshed")
                 first = False
                 self.subscriptions += 1
@@ -73,8 +74,9 @@ class InvalidationListener:
                 raise
             except (RedisError, OSError) as error:
                 raise_if_cancelling()
-                if self.connected.is_set():
-                    log.warning("token change channel lost (%s); reconnecting", type(error).__name__)
+                self._tokens.outage.failed(
+                    error, "cached tokens are trusted for at most the cache ttl; reconnecting to its change channel"
+                )
                 self.connected.clear()
                 first = False
                 await asyncio.sleep(backoff)

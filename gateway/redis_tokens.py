@@ -20,6 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from gateway.outage import OutageLog
 from gateway.store.base import TokenStore
 from gateway.tokens import TokenRecord, record_from_json, record_to_json
 
@@ -69,6 +70,14 @@ def connect(url: str, *, timeout: float = 0.5) -> redis.Redis:
     )
 
 
+def redis_address(client: redis.Redis) -> str:
+    """Where the client connects (host:port or the socket path), never its password."""
+    options = client.connection_pool.connection_kwargs
+    if "path" in options:
+        return str(options["path"])
+    return f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
+
+
 class RedisKeys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -98,6 +107,8 @@ class RedisTokens:
         self._retry_after = retry_after
         self._set_if_newer = client.register_script(_SET_IF_NEWER)
         self._skip_redis_until = 0.0
+        # Shared by every user of this Redis in the process (change delivery, usage): one outage, two lines.
+        self.outage = OutageLog(log, f"redis at {redis_address(client)}")
         self.redis_reads = 0
         self.redis_hits = 0  # reads Redis answered with an entry (or a tombstone)
         self.redis_errors = 0  # reads that failed or were skipped while Redis is distrusted
@@ -114,8 +125,7 @@ class RedisTokens:
         self._skip_redis_until = max(self._skip_redis_until, time.monotonic() + seconds)
 
     def _redis_failed(self, what: str, error: Exception) -> None:
-        if time.monotonic() >= self._skip_redis_until:
-            log.warning("redis %s failed (%s); using the store for %.1fs", what, type(error).__name__, self._retry_after)
+        self.outage.failed(error, f"token {what}s use the store (Redis is tried again every {self._retry_after:g}s)")
         self._skip_redis_until = time.monotonic() + self._retry_after
 
     async def get_token(self, token_id: str) -> TokenRecord | None:
@@ -125,6 +135,8 @@ class RedisTokens:
             try:
                 raw = cast("bytes | None", await self.client.get(self.keys.token(token_id)))
                 self.redis_reads += 1
+                if self.outage.down:
+                    self.outage.recovered()
             except (RedisError, OSError) as error:
                 self._redis_failed("read", error)
                 use_redis = False

@@ -17,6 +17,7 @@ from typing import Protocol
 from redis.exceptions import RedisError
 
 from gateway.background import raise_if_cancelling
+from gateway.outage import describe
 from gateway.redis_tokens import RedisTokens
 from gateway.store.base import StoreUnavailable, TokenStore
 from gateway.token_cache import TokenCache
@@ -84,8 +85,12 @@ class RedisTokenChanges:
     async def _deliver_soon(self) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(self.deliver()), timeout=self._delivery_timeout)
-        except (TimeoutError, RedisError, OSError, StoreUnavailable) as error:
-            log.warning("token change committed but not yet delivered to Redis (%s); retrying", type(error).__name__)
+        except StoreUnavailable as error:
+            log.warning("token change committed but not yet delivered (%s); retrying", describe(error))
+        except (TimeoutError, RedisError, OSError) as error:
+            self._tokens.outage.failed(
+                error, "token changes are committed and wait in the outbox, delivered every second until it answers"
+            )
 
     async def deliver(self, *, wait: bool = True) -> int:
         """Deliver every pending change; returns how many token ids were published. With `wait` False, give
@@ -111,6 +116,8 @@ class RedisTokenChanges:
                 await self._tokens.write(record)
                 announced.append((token_id, record.updated_at.timestamp()))
         await self._tokens.publish(announced)
+        if self._tokens.outage.down:
+            self._tokens.outage.recovered()
         await self._store.acknowledge_changes(pending[-1][0])
         self.delivered += len(token_ids)
         return len(token_ids)
@@ -130,7 +137,10 @@ class RedisTokenChanges:
         while True:
             try:
                 await self.deliver(wait=False)
-            except (RedisError, OSError, StoreUnavailable) as error:
+            except StoreUnavailable as error:
                 raise_if_cancelling()
-                log.debug("outbox delivery failed: %s", type(error).__name__)
+                log.debug("outbox delivery failed: %s", describe(error))
+            except (RedisError, OSError) as error:
+                raise_if_cancelling()
+                self._tokens.outage.failed(error, "token changes wait in the outbox until it answers")
             await asyncio.sleep(interval)

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from gateway.background import raise_if_cancelling
 from gateway.client_ip import ClientAddress
+from gateway.outage import OutageLog
 from gateway.store.base import TokenStore
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,10 @@ class UsageSink(Protocol):
 class UsageRecorder:
     """Writes to the store in one process, or merges into Redis when several proxies share it."""
 
-    def __init__(self, sink: UsageSink, *, interval: float = 5.0) -> None:
+    def __init__(self, sink: UsageSink, *, interval: float = 5.0, outage: OutageLog | None = None) -> None:
         self._store = sink
         self._interval = interval
+        self._outage = outage or OutageLog(log, "the store")
         self._pending: dict[str, tuple[float, ClientAddress | None]] = {}
         self.flushes = 0
 
@@ -43,8 +45,10 @@ class UsageRecorder:
         try:
             await self._store.record_usage(usage)
             self.flushes += 1
-        except Exception:
-            log.warning("could not write last-used times for %d token(s); will retry", len(batch), exc_info=True)
+            if self._outage.down:
+                self._outage.recovered()
+        except Exception as error:
+            self._outage.failed(error, f"last-used times wait in memory, written again every {self._interval:g}s")
             for token_id, value in batch.items():
                 self._pending.setdefault(token_id, value)
 
@@ -65,23 +69,43 @@ class RedisUsageSource(Protocol):
 class UsageDrainer:
     """In the admin process: moves the usage that proxies merged into Redis into the store, in batches."""
 
-    def __init__(self, source: RedisUsageSource, store: TokenStore, *, interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        source: RedisUsageSource,
+        store: TokenStore,
+        *,
+        interval: float = 5.0,
+        source_outage: OutageLog | None = None,
+    ) -> None:
         self._source = source
         self._store = store
         self._interval = interval
+        self._source_outage = source_outage or OutageLog(log, "redis")
+        self._store_outage = OutageLog(log, "the store")
 
     async def drain(self) -> int:
-        usage = await self._source.take()
+        try:
+            usage = await self._source.take()
+        except Exception as error:
+            raise_if_cancelling()
+            self._source_outage.failed(error, "last-used times wait there until it answers")
+            return 0
+        if self._source_outage.down:
+            self._source_outage.recovered()
         if usage:
-            await self._store.record_usage(usage)
+            try:
+                await self._store.record_usage(usage)
+            except Exception as error:
+                raise_if_cancelling()
+                # Taken from Redis already: these last-used times are lost (the next use records them again).
+                self._store_outage.failed(error, f"{len(usage)} last-used time(s) were not written")
+                return 0
+            if self._store_outage.down:
+                self._store_outage.recovered()
         return len(usage)
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            try:
-                await self.drain()
-            except Exception:
-                raise_if_cancelling()
-                log.warning("could not move usage from Redis to the store; will retry", exc_info=True)
+            await self.drain()
 
