@@ -37,8 +37,10 @@ from report import (
     C1,
     C1_ONE_CORE,
     C32,
+    CADDY,
     DIRECT,
     GATEWAY,
+    GATEWAY_LOG_OFF,
     GATEWAY_TLS,
     NAIVE,
     NGINX,
@@ -67,6 +69,7 @@ from services import (
     need,
     on_one_core,
     proxy_server,
+    start_caddy,
     start_gateway_serve,
     start_gateway_workers,
     start_naive,
@@ -180,6 +183,10 @@ async def start_targets(fleet: Fleet, workdir: Path) -> tuple[list[Target], str,
     await wait_http(f"https://127.0.0.1:{tls_proxy_port}{API_PATH}", expect=200)
     naive = await start_naive(fleet, upstream)
     single = await start_gateway_serve(fleet, upstream)
+    log_off = await start_gateway_serve(fleet, upstream, name="gateway-serve-log-off", access_log=False)
+    caddy_port = free_port()
+    caddy_authorization = start_caddy(fleet, caddy_port, upstream_port)
+    await wait_http(f"http://127.0.0.1:{caddy_port}{API_PATH}", expect=401)
     single_tls = await start_gateway_serve(fleet, upstream, name="gateway-serve-tls", tls=tls)
     workers = await start_gateway_workers(fleet, upstream, 2)
     plain = f"Bearer {NAIVE_TOKEN}"
@@ -193,6 +200,13 @@ async def start_targets(fleet: Fleet, workdir: Path) -> tuple[list[Target], str,
             f"Bearer {(await create_token(single)).secret}",
             [single.process],
         ),
+        Target(
+            GATEWAY_LOG_OFF,
+            log_off.proxy + API_PATH,
+            f"Bearer {(await create_token(log_off)).secret}",
+            [log_off.process],
+        ),
+        Target(CADDY, f"http://127.0.0.1:{caddy_port}{API_PATH}", caddy_authorization, ["caddy"]),
         Target(NGINX_TLS, f"https://127.0.0.1:{tls_proxy_port}{API_PATH}", plain, ["nginx-proxy-tls"]),
         Target(
             GATEWAY_TLS,
@@ -317,7 +331,7 @@ def main() -> None:
         "--keep", action="store_true", help="keep the work directory (configs, logs, wrk output)"
     )
     arguments = parser.parse_args()
-    for program in ("nginx", "wrk", "redis-server"):
+    for program in ("nginx", "wrk", "redis-server", "caddy"):
         need(program)
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     gateway_path, exported = export_gateway(arguments.ref, workdir) if arguments.ref else (None, None)

@@ -25,6 +25,9 @@ README_BEGIN, README_END = "<!-- latest-results:begin -->", "<!-- latest-results
 DIRECT, NGINX, NAIVE = "direct upstream", "nginx proxy", "naive aiohttp proxy"
 GATEWAY, WORKERS = "gateway (1 worker)", "gateway (2 workers)"
 NGINX_TLS, GATEWAY_TLS = "nginx proxy, TLS", "gateway (1 worker), TLS"
+# The gateway rows run with its defaults (the access log on, to a file); this one is the same with it off.
+GATEWAY_LOG_OFF = "gateway (1 worker), log off"
+CADDY = "Caddy basicauth + remote_ip"
 BODIES = ((1_000_000, "1 MB", 20), (50_000_000, "50 MB", 3))  # size, label, transfers
 NOISY = 0.10  # other load, as a share of the machine, above which a run is flagged
 # The loads each target is driven with: wrk at c=1 and c=32 wherever the scheduler puts the processes, and c=1
@@ -129,7 +132,8 @@ def target_lines(results: Results) -> list[str]:
         results.judged(GATEWAY, load).p50_us - results.judged(DIRECT, load).p50_us for load in (C1, C1_ONE_CORE)
     )
     lines = [
-        f"- gateway/nginx at c=32: **{vs_nginx:.2f}x** (target >= 0.35x: {_verdict(vs_nginx >= 0.35)})",
+        f"- gateway (defaults: access log on)/nginx at c=32: **{vs_nginx:.2f}x** (target >= 0.35x:"
+        f" {_verdict(vs_nginx >= 0.35)})",
         f"- gateway/naive at c=32: **{vs_naive:.2f}x** (target >= 2.5x: {_verdict(vs_naive >= 2.5)})",
         (
             f"- added p50 at c=1 over the direct upstream: **{_us(added)}** where the scheduler places the"
@@ -145,6 +149,19 @@ def target_lines(results: Results) -> list[str]:
         lines.append(
             f"- 50 MB body, gateway peak RSS growth (worse of down and up): **{growth:.1f} MB** "
             f"(target < 30 MB: {_verdict(growth < 30)})"
+        )
+    log_off, caddy = results.cell(GATEWAY_LOG_OFF, C32), results.cell(CADDY, C32)
+    if log_off is not None:
+        cost = 1 - gateway.rate / log_off.rate
+        lines.append(
+            f"- throughput lost to the access log (defaults against log off) at c=32: **{100 * cost:.1f} %**"
+            f" (target <= 10 %: {_verdict(cost <= 0.10)})"
+        )
+    if caddy is not None:
+        vs_caddy = gateway.rate / caddy.rate
+        lines.append(
+            f"- gateway (defaults)/Caddy with basicauth and remote_ip at c=32: **{vs_caddy:.2f}x**"
+            f" (target >= 1.5x: {_verdict(vs_caddy >= 1.5)})"
         )
     two = results.cell(WORKERS, C32)
     if two is not None:

@@ -8,6 +8,7 @@ orchestrator, which then stops everything in order.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import shutil
 import signal
@@ -226,6 +227,43 @@ def start_nginx(fleet: Fleet, name: str, body: str) -> None:
     )
 
 
+CADDY_USER, CADDY_PASSWORD = "bench", "caddy-bench-password"
+
+
+def start_caddy(fleet: Fleet, port: int, upstream_port: int) -> str:
+    """Caddy 2 as the Go gateway a user might pick instead: HTTP basic auth against a bcrypt hash (Caddy keeps
+    a cache of verified credentials) and a remote_ip allow-list, in front of the same upstream. Returns the
+    Authorization value its clients send."""
+    caddy = need("caddy")
+    hashed = subprocess.run(
+        [caddy, "hash-password", "--plaintext", CADDY_PASSWORD], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    prefix = fleet.workdir / "caddy"
+    prefix.mkdir()
+    (prefix / "Caddyfile").write_text(
+        f"""{{
+\tadmin off
+\tauto_https off
+}}
+http://127.0.0.1:{port} {{
+\t@outside not remote_ip 127.0.0.0/8
+\trespond @outside 403
+\tbasicauth {{
+\t\t{CADDY_USER} {hashed}
+\t}}
+\treverse_proxy 127.0.0.1:{upstream_port}
+}}
+"""
+    )
+    fleet.spawn(
+        "caddy",
+        [caddy, "run", "--config", str(prefix / "Caddyfile"), "--adapter", "caddyfile"],
+        env={"HOME": str(prefix), "XDG_DATA_HOME": str(prefix), "XDG_CONFIG_HOME": str(prefix)},
+    )
+    credentials = base64.b64encode(f"{CADDY_USER}:{CADDY_PASSWORD}".encode()).decode()
+    return f"Basic {credentials}"
+
+
 def upstream_server(port: int, sink_port: int, files: Path) -> str:
     return f"""    upstream sink {{ server 127.0.0.1:{sink_port}; keepalive 8; }}
     server {{
@@ -300,13 +338,22 @@ class Gateway:
     process: str  # the fleet name of the proxy process (the one whose memory and CPU we watch)
 
 
-def gateway_env(fleet: Fleet, upstream: str, database: str, **extra: str) -> dict[str, str]:
+def gateway_env(
+    fleet: Fleet, upstream: str, database: str, *, access_log: bool = True, **extra: str
+) -> dict[str, str]:
+    """The gateway's defaults, as a user runs it: the access log on, here written to a file of the run (a
+    terminal would measure the terminal). `access_log=False` is the tuned variant shown beside it."""
     source = {"PYTHONPATH": str(fleet.gateway_path)} if fleet.gateway_path is not None else {}
+    log = (
+        {"GATEWAY_ACCESS_LOG_FILE": str(fleet.workdir / f"{Path(database).stem}.access.log")}
+        if access_log
+        else {"GATEWAY_ACCESS_LOG": "false"}
+    )
     return {
         "GATEWAY_UPSTREAM": upstream,
         "GATEWAY_ADMIN_KEY": ADMIN_KEY,
-        "GATEWAY_ACCESS_LOG": "false",
         "GATEWAY_DATABASE_URL": f"sqlite:///{fleet.workdir / database}",
+        **log,
         **source,
         **extra,
     }
@@ -334,15 +381,21 @@ def export_gateway(ref: str, workdir: Path) -> tuple[Path, str]:
 
 
 async def start_gateway_serve(
-    fleet: Fleet, upstream: str, *, name: str = "gateway-serve", tls: tuple[Path, Path] | None = None
+    fleet: Fleet,
+    upstream: str,
+    *,
+    name: str = "gateway-serve",
+    tls: tuple[Path, Path] | None = None,
+    access_log: bool = True,
 ) -> Gateway:
-    """`gateway serve`; with `tls` (certificate, key) its proxy port serves TLS."""
+    """`gateway serve` with its defaults; with `tls` (certificate, key) its proxy port serves TLS."""
     proxy_port, admin_port = free_port(), free_port()
     extra = {} if tls is None else {"GATEWAY_PROXY_TLS_CERT": str(tls[0]), "GATEWAY_PROXY_TLS_KEY": str(tls[1])}
     env = gateway_env(
         fleet,
         upstream,
         f"{name}.db",
+        access_log=access_log,
         GATEWAY_PROXY_LISTEN=f"127.0.0.1:{proxy_port}",
         GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{admin_port}",
         **extra,
