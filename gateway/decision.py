@@ -28,6 +28,12 @@ from gateway.token_cache import CachedToken
 _NOT_IN_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 
 
+NON_CANONICAL_DETAIL = (
+    "The path is allowed only as %s: the proxy in front forwards the path as sent, and an upstream could read"
+    " this spelling (escapes, '//', dot segments) as another path."
+)
+
+
 class Caller(NamedTuple):
     """Who is asking, read once from the headers: the presented token and the client address."""
 
@@ -91,10 +97,19 @@ class Decider:
         return self.accept_known(caller.identified) or await self.authenticate(caller)
 
     def judge(
-        self, token: CachedToken, method: str, target: bytes, client_ip: ClientAddress | None, *, body: bool
+        self,
+        token: CachedToken,
+        method: str,
+        target: bytes,
+        client_ip: ClientAddress | None,
+        *,
+        body: bool,
+        canonical_only: bool = False,
     ) -> Verdict:
         """Whether this token may make this request from this address: a 400 or 403 naming the reason, or the
-        limits it is allowed within. `body`: whether the request carries (or may carry) a body."""
+        limits it is allowed within. `body`: whether the request carries (or may carry) a body.
+        `canonical_only`: the caller forwards the target itself, as sent, so an allowed target must already be
+        the canonical path that was judged (the proxy port forwards the canonical path instead)."""
         check_target(target)
         if _NOT_IN_TARGET.search(target):
             raise GatewayError(
@@ -114,6 +129,8 @@ class Decider:
                 "insufficient_access_level",
                 f"The token's access level '{token.record.access_level}' does not allow {method} on this path.",
             )
+        if canonical_only and read.path.encode("ascii") != target.partition(b"?")[0]:
+            raise GatewayError(400, "non_canonical_path", NON_CANONICAL_DETAIL % read.path)
         settings = self._settings
         max_body = settings.max_body_bytes if level.max_body_bytes is None else level.max_body_bytes
         body_allowed = (

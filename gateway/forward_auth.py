@@ -60,7 +60,7 @@ class ForwardAuthHandler:
         caller = decider.caller(authorization, request.peer, forwarded_for)
         token = await decider.token(caller)
         request.token_id = token.record.id
-        decider.judge(token, method, target, caller.client_ip, body=method == "POST")
+        decider.judge(token, method, target, caller.client_ip, body=method == "POST", canonical_only=True)
         self._usage.record(token.record.id, caller.client_ip)
         request.respond(200, b"OK", _ALLOWED_HEAD + gateway_headers(token.record.id, token.record.access_level), b"")
 

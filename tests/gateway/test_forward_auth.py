@@ -247,3 +247,25 @@ async def test_a_disabled_token_is_refused_at_once(forward_auth: ForwardAuth) ->
     refused = await forward_auth.nginx(created["token"], "GET", "/api/posts")
     assert refused.status == 401
     assert await _code(refused) == "token_disabled"
+
+
+@pytest.mark.parametrize(
+    ("target", "canonical"),
+    [
+        ("/api/users/../posts/1", "/api/posts/1"),
+        ("/api/posts//1", "/api/posts/1"),
+        ("/api/%70osts/1", "/api/posts/1"),
+        ("/api/posts/./1", "/api/posts/1"),
+        ("/api/posts/1%3a", "/api/posts/1%3A"),
+    ],
+)
+async def test_an_allowed_target_in_another_spelling_is_refused_as_the_proxy_forwards_it_as_sent(
+    forward_auth: ForwardAuth, target: str, canonical: str
+) -> None:
+    token = (await forward_auth.gateway.create_token(access_level="editorial"))["token"]
+    assert (await forward_auth.nginx(token, "DELETE", canonical)).status == 200
+    answer = await forward_auth.nginx(token, "DELETE", target)
+    assert answer.status == 400
+    assert await _code(answer) == "non_canonical_path"
+    assert (await forward_auth.nginx(token, "DELETE", canonical + "?next=/../%2F;#x")).status == 400  # '#'
+    assert (await forward_auth.nginx(token, "DELETE", canonical + "?next=/../%2F;x")).status == 200
