@@ -61,10 +61,15 @@ METHOD_OVERRIDE_PARAMETERS = METHOD_OVERRIDE_HEADERS | {b"-method", b"-httpmetho
 # upstream may take the method from the body (setting body_method_override), a POST with a body must be
 # allowed as each of them too.
 BODY_OVERRIDE_METHODS = ("PUT", "PATCH", "DELETE")
-# Headers IIS, Symfony, Zend/Laminas, nginx auth subrequests and Traefik read as the request's path: the
-# gateway judges the request target only.
+# Headers IIS, Symfony, Zend/Laminas, nginx auth subrequests and Traefik read as the request's path, and those
+# a WSGI server or middleware reads as the application's mount point, routing only the path after it (gunicorn
+# takes `SCRIPT_NAME` from a header, trusted from 127.0.0.1 by default; Flask's well-known ReverseProxied recipe
+# takes `X-Script-Name`): the gateway judges the request target only.
 PATH_OVERRIDE_HEADERS = frozenset(
-    {b"x-original-url", b"x-rewrite-url", b"x-original-uri", b"x-forwarded-uri", b"x-forwarded-path"}
+    {
+        b"x-original-url", b"x-rewrite-url", b"x-original-uri", b"x-forwarded-uri", b"x-forwarded-path",
+        b"script-name", b"path-info", b"x-script-name",
+    }
 )
 # Headers upstream libraries read as the client address (request-ip, Express/Django/Rails helpers, CDNs). The
 # gateway judges X-Forwarded-For alone (from trusted proxies) and forwards the chain it judged; any other

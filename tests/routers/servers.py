@@ -4,9 +4,9 @@ Every route answers 200 with the resource it serves (its template with the param
 router decoded them) in `X-Route-Resource` (percent-encoded) and the method in `X-Route-Method`; anything else
 is a 404 without them. The test then asks whether the token's level permits that method on that resource.
 
-Werkzeug/Flask, Starlette (under uvicorn), aiohttp and Express 4 (from npm, see express/) run for real. Tomcat
-(with Spring MVC) and ASP.NET Core are emulations of their documented path rules, on aiohttp's low-level
-server (which hands over the raw target):
+Werkzeug/Flask (on Werkzeug's server and under gunicorn), Starlette (under uvicorn), aiohttp and Express 4 (from
+npm, see express/) run for real. Tomcat (with Spring MVC) and ASP.NET Core are emulations of their documented
+path rules, on aiohttp's low-level server (which hands over the raw target):
 - Tomcat/Spring: strip `;params` from every segment, then percent-decode (an encoded slash is a 400, as with
   Tomcat's default ALLOW_ENCODED_SLASH=false), then resolve dot segments (a `..` above the root is a 400);
   match case-sensitively, with or without a trailing slash (Spring's trailing-slash match, on before 6.0).
@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -191,6 +192,24 @@ async def _werkzeug() -> AsyncIterator[str]:
 
 
 @asynccontextmanager
+async def _gunicorn() -> AsyncIterator[str]:
+    """Flask under gunicorn, which trusts forwarding headers (SCRIPT_NAME among them) from 127.0.0.1 by default."""
+    sock = _free_socket()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gunicorn", "--bind", f"fd://{sock.fileno()}", "--workers", "1",
+        "--threads", "8", "--log-level", "warning", "tests.routers.servers:flask_app()",
+        pass_fds=[sock.fileno()], cwd=HERE.parents[1],
+    )
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        yield url
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), timeout=10)
+        sock.close()
+
+
+@asynccontextmanager
 async def _uvicorn() -> AsyncIterator[str]:
     sock = _free_socket()
     config = uvicorn.Config(
@@ -259,6 +278,7 @@ async def _emulated(name: str) -> AsyncIterator[str]:
 
 ROUTERS: dict[str, Callable[[], Any]] = {
     "werkzeug": _werkzeug,
+    "gunicorn": _gunicorn,
     "starlette": _uvicorn,
     "aiohttp": _aiohttp,
     "express": _express,
