@@ -9,6 +9,8 @@ decoded, which is also the path forwarded upstream: `/api/%75sers` and `/api/./x
 Case (`access_rule_case`): many upstreams route without regard to case (Express by default, ASP.NET), so by
 default a deny rule matches any case (`/API/Users` cannot dodge a deny of `/api/users/**`) while an allow rule
 matches only the case it is written in (an allow never opens more than it says on an upstream that does care).
+Likewise a deny rule's literal segment matches with any `.suffix` (`/api/users.json`: Rails routes it as
+`/api/users` by default), while an allow rule's matches only as written.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ RULE_CASES = {
 }
 
 
-def compile_path_pattern(pattern: str) -> re.Pattern[str]:
+def compile_path_pattern(pattern: str, *, any_suffix: bool = False) -> re.Pattern[str]:
+    """`any_suffix` (deny rules): a literal segment also matches with a `.suffix`, as many routers read it
+    (Rails' `(.:format)` on every route by default, Spring's suffix pattern match, IIS dropping trailing dots):
+    `/api/users/**` then matches `/api/users.json` and `/api/users./42`."""
     if not pattern.startswith("/"):
         raise AccessLevelConfigError(f"path pattern {pattern!r} must start with '/'")
     parts = ["^"]
@@ -54,6 +59,8 @@ def compile_path_pattern(pattern: str) -> re.Pattern[str]:
             parts.append("/[^/]+")  # a whole segment, never an empty one: "/a/*" does not match "/a/"
         else:
             parts.append("/" + "[^/]*".join(re.escape(piece) for piece in segment.split("*")))
+            if any_suffix and segment:
+                parts.append(r"(?:\.[^/]*)?")
         if last and segment:
             parts.append("/?")
     parts.append("$")
@@ -90,7 +97,7 @@ class AccessLevel:
         return False
 
 
-def _parse_rule(level: str, where: str, raw: Any, *, ignore_case: bool) -> Rule:
+def _parse_rule(level: str, where: str, raw: Any, *, ignore_case: bool, any_suffix: bool = False) -> Rule:
     context = f"access_levels.{level}.{where}"
     if not isinstance(raw, Mapping):
         raise AccessLevelConfigError(f"{context}: each rule is a table with 'methods' and 'paths'")
@@ -114,7 +121,7 @@ def _parse_rule(level: str, where: str, raw: Any, *, ignore_case: bool) -> Rule:
             raise AccessLevelConfigError(f"{context}.methods: {method!r} is not an HTTP method")
     try:
         compiled = re.compile(
-            "|".join(f"(?:{compile_path_pattern(p).pattern})" for p in paths), re.IGNORECASE if ignore_case else 0
+            "|".join(f"(?:{compile_path_pattern(p, any_suffix=any_suffix).pattern})" for p in paths), re.IGNORECASE if ignore_case else 0
         )
     except AccessLevelConfigError as error:
         raise AccessLevelConfigError(f"{context}: {error}") from None
@@ -152,7 +159,9 @@ def parse_access_levels(raw: Any, *, rule_case: str = "deny_any_case") -> dict[s
             description=description,
             max_body_bytes=max_body,
             allow=tuple(_parse_rule(name, "allow", rule, ignore_case=allow_ignores_case) for rule in allow_raw),
-            deny=tuple(_parse_rule(name, "deny", rule, ignore_case=deny_ignores_case) for rule in deny_raw),
+            deny=tuple(
+                _parse_rule(name, "deny", rule, ignore_case=deny_ignores_case, any_suffix=True) for rule in deny_raw
+            ),
         )
     return levels
 

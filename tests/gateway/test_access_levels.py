@@ -46,6 +46,13 @@ def test_path_patterns(pattern: str, matching: list[str], not_matching: list[str
     assert not any(compiled.match(path) for path in not_matching)
 
 
+def test_deny_patterns_match_a_literal_segment_with_any_suffix() -> None:
+    """Rails routes `/api/users.json` as `/api/users` (`(.:format)`), IIS `/api/users./7` as `/api/users/7`."""
+    compiled = compile_path_pattern("/api/users/**", any_suffix=True)
+    assert all(compiled.match(path) for path in ["/api/users.json", "/api/users./7", "/api.v1/users/7"])
+    assert not any(compiled.match(path) for path in ["/api/usersx", "/api/users-json", "/api/public"])
+
+
 @pytest.mark.parametrize(
     "levels",
     [
@@ -82,6 +89,11 @@ async def _status(gateway: Gateway, token: str, method: str, path: str) -> int:
         ("managing_editorial", "GET", "/api/posts/../users", 403),
         ("managing_editorial", "PUT", "/api/spaces/3/settings", 403),
         ("managing_editorial", "GET", "/api/spaces/3", 200),
+        ("managing_editorial", "GET", "/api/users.json", 403),
+        ("managing_editorial", "GET", "/api/users./7", 403),
+        ("managing_editorial", "GET", "/api/spaces/3/settings.xml", 403),
+        ("managing_editorial", "POST", "/api/spaces.json", 403),
+        ("restricted_read_only", "GET", "/api/branding.json", 403),
         ("editorial", "GET", "/api/users", 200),
         ("editorial", "POST", "/api/posts", 200),
         ("editorial", "POST", "/api/users", 403),

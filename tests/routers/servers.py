@@ -13,6 +13,8 @@ path rules, on aiohttp's low-level server (which hands over the raw target):
 - ASP.NET Core: percent-decode everything but `%2F` (Kestrel keeps it), resolve dot segments, match literal
   segments with OrdinalIgnoreCase (compared upper-cased, as .NET's invariant upper-casing, which maps 'ſ' to
   'S' and 'ı' to 'I'), with or without a trailing slash.
+- Rails: decode as ASP.NET does, match case-sensitively, and let the last segment carry a format suffix
+  (`/api/users.json` is `/api/users`: `(.:format)` is on every route by default; `:id` stops at a '.').
 """
 
 from __future__ import annotations
@@ -131,13 +133,17 @@ class _EmulatedRouter:
         return resolved
 
     def same(self, literal: str, segment: str) -> bool:
-        return literal == segment if self.name == "tomcat" else literal.upper() == segment.upper()
+        return literal == segment if self.name in ("tomcat", "rails") else literal.upper() == segment.upper()
 
     def route(self, raw_path: str) -> str | None | bool:
         """The resource served, None for a 404, False for a 400."""
         segments = self.segments(raw_path)
         if segments is None:
             return False
+        if self.name == "rails" and segments:
+            name, dot, format_ = segments[-1].partition(".")
+            if dot and name and format_ and "." not in format_:
+                segments[-1] = name  # `(.:format)`: every route also matches with a format suffix
         for template, parts in self._templates:
             if len(parts) != len(segments):
                 continue
@@ -284,4 +290,5 @@ ROUTERS: dict[str, Callable[[], Any]] = {
     "express": _express,
     "tomcat_emulated": lambda: _emulated("tomcat"),
     "aspnet_emulated": lambda: _emulated("aspnet"),
+    "rails_emulated": lambda: _emulated("rails"),
 }
