@@ -5,7 +5,8 @@ nginx as a keep-alive reverse proxy, the naive aiohttp proxy of naive_proxy.py (
 the floor), the gateway (`gateway serve`, one process, a real token: argon2 hash in the store, IP range and
 access level checked), nginx and that gateway again with TLS on their client port (a self-signed P-256
 certificate; wrk keeps its connections, so handshakes are few and the rows show the cost of encryption), and
-`gateway proxy --workers 2` (with redis and a `gateway admin`). Each with wrk at
+`gateway proxy --workers 2` (with redis and a `gateway admin`), and nginx asking the gateway's forward-auth
+port before each request (`auth_request`, the README's configuration). Each with wrk at
 concurrency 1 (-t1 -c1) and 32 (-t2 -c32), after a warm-up run, round after round. Then, through the
 single-process gateway: a 1 MB and a 50 MB body, down and up (throughput and the gateway's peak RSS growth),
 and the first request of a fresh token (argon2) against the next ones.
@@ -39,6 +40,7 @@ from report import (
     C32,
     CADDY,
     DIRECT,
+    FORWARD_AUTH,
     GATEWAY,
     GATEWAY_LOG_OFF,
     GATEWAY_TLS,
@@ -64,6 +66,7 @@ from services import (
     Gateway,
     create_token,
     export_gateway,
+    forward_auth_server,
     free_port,
     make_certificate,
     need,
@@ -189,6 +192,10 @@ async def start_targets(fleet: Fleet, workdir: Path) -> tuple[list[Target], str,
     await wait_http(f"http://127.0.0.1:{caddy_port}{API_PATH}", expect=401)
     single_tls = await start_gateway_serve(fleet, upstream, name="gateway-serve-tls", tls=tls)
     workers = await start_gateway_workers(fleet, upstream, 2)
+    auth_port, auth_proxy_port = free_port(), free_port()
+    asked = await start_gateway_serve(fleet, upstream, name="gateway-forward-auth", forward_auth_port=auth_port)
+    start_nginx(fleet, "nginx-forward-auth", forward_auth_server(auth_proxy_port, auth_port, upstream_port))
+    await wait_http(f"http://127.0.0.1:{auth_proxy_port}{API_PATH}", expect=401)
     plain = f"Bearer {NAIVE_TOKEN}"
     targets = [
         Target(DIRECT, upstream + API_PATH, plain, ["nginx-upstream"]),
@@ -213,6 +220,12 @@ async def start_targets(fleet: Fleet, workdir: Path) -> tuple[list[Target], str,
             single_tls.proxy + API_PATH,
             f"Bearer {(await create_token(single_tls)).secret}",
             [single_tls.process],
+        ),
+        Target(
+            FORWARD_AUTH,
+            f"http://127.0.0.1:{auth_proxy_port}{API_PATH}",
+            f"Bearer {(await create_token(asked)).secret}",
+            ["nginx-forward-auth", asked.process],
         ),
         Target(
             WORKERS,

@@ -28,6 +28,7 @@ NGINX_TLS, GATEWAY_TLS = "nginx proxy, TLS", "gateway (1 worker), TLS"
 # The gateway rows run with its defaults (the access log on, to a file); this one is the same with it off.
 GATEWAY_LOG_OFF = "gateway (1 worker), log off"
 CADDY = "Caddy basicauth + remote_ip"
+FORWARD_AUTH = "nginx + auth_request to the gateway"
 BODIES = ((1_000_000, "1 MB", 20), (50_000_000, "50 MB", 3))  # size, label, transfers
 NOISY = 0.10  # other load, as a share of the machine, above which a run is flagged
 # The loads each target is driven with: wrk at c=1 and c=32 wherever the scheduler puts the processes, and c=1
@@ -163,6 +164,23 @@ def target_lines(results: Results) -> list[str]:
             f"- gateway (defaults)/Caddy with basicauth and remote_ip at c=32: **{vs_caddy:.2f}x**"
             f" (target >= 1.5x: {_verdict(vs_caddy >= 1.5)})"
         )
+    asked = results.cell(FORWARD_AUTH, C1)
+    if asked is not None:
+        # The target: asking the gateway adds no more to the operator's nginx than the gateway as the proxy
+        # adds to the direct upstream.
+        direct, proxied = results.judged(DIRECT, C1).p50_us, results.judged(GATEWAY, C1).p50_us
+        through = asked.p50_us - results.judged(NGINX, C1).p50_us
+        lines.append(
+            f"- nginx + auth_request to the gateway, added p50 at c=1 over nginx alone: **{_us(through)}**,"
+            f" against the gateway as the proxy's {_us(proxied - direct)} over the direct upstream (target: no"
+            f" more: {_verdict(through <= proxied - direct)})"
+        )
+        many = results.cell(FORWARD_AUTH, C32)
+        if many is not None:
+            lines.append(
+                f"- for information, nginx + auth_request at c=32: {many.rate / nginx.rate:.2f}x nginx alone,"
+                f" {many.rate / gateway.rate:.2f}x the gateway as the proxy"
+            )
     two = results.cell(WORKERS, C32)
     if two is not None:
         lines.append(

@@ -322,6 +322,47 @@ def proxy_server(port: int, upstream_port: int, tls: tuple[Path, Path] | None = 
     }}"""
 
 
+def forward_auth_server(port: int, auth_port: int, upstream_port: int) -> str:
+    """nginx as the reverse proxy, asking the gateway's forward-auth port first (`auth_request`): the README's
+    configuration, with the benchmark's keep-alive settings."""
+    return f"""    upstream gateway_auth {{
+        server 127.0.0.1:{auth_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    upstream backend {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            auth_request /.gateway/auth;
+            auth_request_set $gateway_token_id $upstream_http_x_gateway_token_id;
+            auth_request_set $gateway_access_level $upstream_http_x_gateway_access_level;
+            proxy_set_header X-Gateway-Token-Id $gateway_token_id;
+            proxy_set_header X-Gateway-Access-Level $gateway_access_level;
+            proxy_set_header Authorization "";
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+        location = /.gateway/auth {{
+            internal;
+            proxy_pass http://gateway_auth;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Original-Method $request_method;
+            proxy_set_header X-Original-URI $request_uri;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}"""
+
+
 # --- the gateway ------------------------------------------------------------------------------------------
 
 
@@ -387,10 +428,15 @@ async def start_gateway_serve(
     name: str = "gateway-serve",
     tls: tuple[Path, Path] | None = None,
     access_log: bool = True,
+    forward_auth_port: int | None = None,
 ) -> Gateway:
-    """`gateway serve` with its defaults; with `tls` (certificate, key) its proxy port serves TLS."""
+    """`gateway serve` with its defaults; with `tls` (certificate, key) its proxy port serves TLS; with
+    `forward_auth_port` it also answers forward-auth requests there (nginx convention, loopback trusted)."""
     proxy_port, admin_port = free_port(), free_port()
     extra = {} if tls is None else {"GATEWAY_PROXY_TLS_CERT": str(tls[0]), "GATEWAY_PROXY_TLS_KEY": str(tls[1])}
+    if forward_auth_port is not None:
+        extra["GATEWAY_FORWARD_AUTH_LISTEN"] = f"127.0.0.1:{forward_auth_port}"
+        extra["GATEWAY_TRUSTED_PROXIES"] = "127.0.0.1"
     env = gateway_env(
         fleet,
         upstream,
