@@ -22,16 +22,23 @@ RUN groupadd --gid 10001 gateway \
  && mkdir /data \
  && chown gateway:gateway /data
 
+# Exactly the versions in constraints.txt (written by scripts/lock), nothing resolved at build time, so two
+# builds of one commit run the same code: the pins are installed without their dependencies, the gateway's
+# wheel is built with the pinned setuptools, and `pip check` stops the build when a dependency of the gateway
+# is missing from constraints.txt (run scripts/lock after changing pyproject.toml's dependencies).
 # config/ travels with gateway/: gateway/default_config.toml is a symlink to ../config/gateway.toml, which
 # the wheel build follows, so the installed package holds the file itself. Were config/ missing, setuptools
 # would silently leave the dangling link out of the wheel; the check after the install stops the build then.
 # README.m[d]: the glob lets the build go on while the README (pyproject's `readme`) does not exist yet.
+COPY constraints.txt /tmp/src/
+RUN pip install --no-cache-dir --no-deps --only-binary=:all: -r /tmp/src/constraints.txt
 COPY pyproject.toml README.m[d] /tmp/src/
 COPY config/ /tmp/src/config/
 COPY admin_api/ /tmp/src/admin_api/
 COPY gateway/ /tmp/src/gateway/
 RUN cd /tmp/src \
- && pip install --no-cache-dir . \
+ && pip install --no-cache-dir --no-deps --no-build-isolation . \
+ && pip check \
  && cd / \
  && rm -rf /tmp/src \
  && python -c "import gateway.settings as s; assert s.DEFAULT_CONFIG_PATH.is_file() and not s.DEFAULT_CONFIG_PATH.is_symlink()"
