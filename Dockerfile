@@ -35,6 +35,7 @@ RUN pip install --no-cache-dir --no-deps --only-binary=:all: -r /tmp/src/constra
 COPY pyproject.toml README.m[d] /tmp/src/
 COPY config/ /tmp/src/config/
 COPY admin_api/ /tmp/src/admin_api/
+COPY admin_cli/ /tmp/src/admin_cli/
 COPY gateway/ /tmp/src/gateway/
 RUN cd /tmp/src \
  && pip install --no-cache-dir --no-deps --no-build-isolation . \

@@ -4,6 +4,7 @@
     gateway proxy [--workers N]      the data plane only; N processes share the port (SO_REUSEPORT)
     gateway admin                    the control plane only
     gateway migrate                  create or upgrade the store's schema, then exit
+    gateway tokens ... / admin-keys ...  the admin API from a shell (admin_cli/: a client over HTTP)
 
 `--forward-auth-listen HOST:PORT` (serve, proxy) also answers forward-auth requests on that address, from the
 same data plane; without an upstream, `gateway proxy` serves forward-auth alone.
@@ -22,22 +23,11 @@ import sys
 import tomllib
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import uvloop
-from aiohttp import web
-
-from admin_api.admin_auth import AdminAuthenticator, admin_key_key
-from admin_api.app import create_admin_app
+import admin_cli.commands
 from gateway import __version__
-from gateway.access_log import AccessLog, aiohttp_access_logger
-from gateway.core import create_store, open_core
-from gateway.demo_upstream import create_demo_upstream_app
-from gateway.forward_auth import forward_auth_handler_key
-from gateway.http_server import HandlerSite, HttpRunner
 from gateway.log_format import configure_logging
-from gateway.metrics.listener import create_metrics_app
-from gateway.proxy_app import create_proxy_app
 from gateway.settings import (
     DEFAULT_CONFIG_PATH,
     ListenAddress,
@@ -49,6 +39,11 @@ from gateway.settings import (
 )
 from gateway.store import SchemaError, SchemaOutdated, StoreUnavailable
 from gateway.tls import ServerTls
+
+# The planes (uvloop, Redis, the core, both apps) are imported where they start, not here: an admin command
+# (`gateway tokens list`) then starts in a fraction of the time. tests/admin_cli checks that it stays so.
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("gateway")
 
@@ -129,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="upgrade an older PostgreSQL schema on start instead of refusing to start",
             )
+    admin_cli.commands.add_commands(commands)
     return parser
 
 
@@ -137,6 +133,8 @@ def _configure_logging(settings: Settings) -> None:
 
 
 def _admin_key_id(request: web.BaseRequest) -> str | None:
+    from admin_api.admin_auth import admin_key_key
+
     key = request.get(admin_key_key)
     return None if key is None else key.id
 
@@ -149,6 +147,8 @@ async def _start_site(
     reuse_port: bool = False,
     ssl_context: ssl.SSLContext | None = None,
 ) -> None:
+    from aiohttp import web
+
     await runner.setup()
     site = web.TCPSite(
         runner,
@@ -174,6 +174,18 @@ async def run_planes(
 ) -> None:
     """Run the given planes until SIGTERM or SIGINT (or, for a worker, its parent's death), then drain
     in-flight requests and return. SIGHUP reloads the TLS certificates."""
+    from aiohttp import web
+
+    from admin_api.admin_auth import AdminAuthenticator
+    from admin_api.app import create_admin_app
+    from gateway.access_log import AccessLog, aiohttp_access_logger
+    from gateway.core import open_core
+    from gateway.demo_upstream import create_demo_upstream_app
+    from gateway.forward_auth import forward_auth_handler_key
+    from gateway.http_server import HandlerSite, HttpRunner
+    from gateway.metrics.listener import create_metrics_app
+    from gateway.proxy_app import create_proxy_app
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -294,6 +306,8 @@ def _server_tls(name: str, cert: Path | None, key: Path | None) -> ServerTls | N
 
 def _run(coroutine: Coroutine[Any, Any, None]) -> None:
     """Run on uvloop: libuv's event loop roughly halves the cost of each socket operation on the hot path."""
+    import uvloop
+
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(coroutine)
 
@@ -308,6 +322,8 @@ async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
 
 async def migrate_store(settings: Settings) -> str:
     """`gateway migrate`: one line saying where the schema went."""
+    from gateway.core import create_store
+
     store = create_store(settings, migrate=False)
     try:
         await store.open()
@@ -362,6 +378,8 @@ def _run_workers(settings: Settings, workers: int, migrate: bool | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     arguments = build_parser().parse_args(argv)
+    if arguments.command not in PLANES:
+        raise SystemExit(admin_cli.commands.run(arguments, os.environ))
     planes = PLANES[arguments.command]
     overrides: dict[str, Any] = {name: getattr(arguments, name) for name in FLAG_SETTINGS}
     overrides["forward_auth_listen"] = getattr(arguments, "forward_auth_listen", None)
