@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.access_levels import (
+    ALL_METHODS,
     AccessLevel,
     AccessLevelConfigError,
     compile_path_pattern,
@@ -279,3 +280,81 @@ async def test_every_deny_rule_is_honoured_through_the_proxy(gateway: Gateway, u
     # The same paths with a method no deny rule names (where one exists) get through.
     assert await _status(gateway, token, "GET", "/api/spaces/s1") == 200
     assert len(upstream.requests) == seen + 1
+
+
+ALLOW_ALL = [{"paths": ["/**"]}]
+
+
+@pytest.mark.parametrize(
+    ("levels", "message"),
+    [
+        ({}, "access_levels must define at least one level"),
+        ({"Bad Name": {"allow": ALLOW_ALL}}, "access level name 'Bad Name' must be lower_snake_case"),
+        ({"x": []}, "access_levels.x must be a table"),
+        ({"x": {"allow": ALLOW_ALL, "typo": 1}}, "access_levels.x: unknown key(s) ['typo']"),
+        ({"x": {"allow": []}}, "access_levels.x.allow must list at least one rule"),
+        ({"x": {"allow": ALLOW_ALL, "deny": {}}}, "access_levels.x.deny must be a list of rules"),
+        ({"x": {"allow": ALLOW_ALL, "description": 1}}, "access_levels.x.description must be a string"),
+        ({"x": {"allow": ALLOW_ALL, "max_body_bytes": -1}}, "access_levels.x.max_body_bytes must be a whole number of bytes"),
+        ({"x": {"allow": ALLOW_ALL, "max_body_bytes": True}}, "access_levels.x.max_body_bytes must be a whole number of bytes"),
+        ({"x": {"allow": ALLOW_ALL, "max_body_bytes": 1.5}}, "access_levels.x.max_body_bytes must be a whole number of bytes"),
+        ({"x": {"allow": ["/"]}}, "access_levels.x.allow: each rule is a table with 'methods' and 'paths'"),
+        ({"x": {"allow": [{"paths": ["/"], "extra": 1}]}}, "access_levels.x.allow: unknown key(s) ['extra']"),
+        ({"x": {"allow": ALLOW_ALL, "deny": [{"paths": ["/"], "x": 1}]}}, "access_levels.x.deny: unknown key(s) ['x']"),
+        ({"x": {"allow": [{"methods": [], "paths": ["/"]}]}},
+         "access_levels.x.allow.methods must be a non-empty list of HTTP methods or '*'"),
+        ({"x": {"allow": [{"methods": [1], "paths": ["/"]}]}},
+         "access_levels.x.allow.methods must be a non-empty list of HTTP methods or '*'"),
+        ({"x": {"allow": [{"methods": "GET", "paths": ["/"]}]}},
+         "access_levels.x.allow.methods must be a non-empty list of HTTP methods or '*'"),
+        ({"x": {"allow": [{"paths": []}]}}, "access_levels.x.allow.paths must be a non-empty list of path patterns"),
+        ({"x": {"allow": [{"paths": [1]}]}}, "access_levels.x.allow.paths must be a non-empty list of path patterns"),
+        ({"x": {"allow": [{"paths": "/"}]}}, "access_levels.x.allow.paths must be a non-empty list of path patterns"),
+        ({"x": {"allow": [{"methods": ["G3T"], "paths": ["/"]}]}}, "access_levels.x.allow.methods: 'G3T' is not an HTTP method"),
+        ({"x": {"allow": [{"paths": ["no-slash"]}]}}, "access_levels.x.allow: path pattern 'no-slash' must start with '/'"),
+        ({"x": {"allow": [{"paths": ["/a#b"]}]}}, "access_levels.x.allow: path pattern '/a#b' has an invalid segment 'a#b'"),
+        ({"x": {"allow": [{"paths": ["/a**"]}]}}, "access_levels.x.allow: path pattern '/a**': '**' must be a whole segment"),
+    ],
+)
+def test_invalid_access_level_config_is_refused_naming_the_place(levels: dict[str, object], message: str) -> None:
+    with pytest.raises(AccessLevelConfigError) as refused:
+        parse_access_levels(levels)
+    assert str(refused.value) == message
+
+
+def test_a_level_is_parsed_with_every_field_it_names() -> None:
+    levels = parse_access_levels(
+        {
+            "x": {
+                "description": "Some.",
+                "max_body_bytes": 0,
+                "allow": [{"methods": ["PROPFIND", "*"], "paths": ["/a", "/b/**"]}, {"paths": ["/c"]}],
+                "deny": [{"methods": ["delete"], "paths": ["/a"]}],
+            },
+            "y": {"allow": ALLOW_ALL, "max_body_bytes": 1},
+        }
+    )
+    x, y = levels["x"], levels["y"]
+    assert (x.name, x.description, x.max_body_bytes) == ("x", "Some.", 0)
+    assert (y.name, y.description, y.max_body_bytes) == ("y", "", 1)
+    assert x.allow[0].methods == ALL_METHODS | {"PROPFIND"}
+    assert x.allow[0].patterns == ("/a", "/b/**")
+    assert x.allow[1].methods == ALL_METHODS
+    assert x.deny[0].methods == frozenset({"DELETE"}) and x.deny[0].patterns == ("/a",)
+    assert [x.permits(method, "/a") for method in ("PROPFIND", "GET", "DELETE")] == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "matching", "not_matching"),
+    [
+        ("/a/**/b", ["/a/b", "/a/x/b", "/a/x/y/b", "/a/x/b/"], ["/a", "/a/x", "/a/b/c", "/a/xb"]),
+        ("/a/**/b/**", ["/a/b", "/a/x/b/y/z"], ["/a/x", "/a/bb"]),
+        ("/a/", ["/a/"], ["/a", "/a/x"]),
+    ],
+)
+def test_double_star_inside_a_pattern_and_a_trailing_slash(
+    pattern: str, matching: list[str], not_matching: list[str]
+) -> None:
+    compiled = compile_path_pattern(pattern)
+    assert [path for path in matching if not compiled.match(path)] == []
+    assert [path for path in not_matching if compiled.match(path)] == []

@@ -6,6 +6,8 @@ import base64
 
 import pytest
 
+from gateway.credentials import invalid_token, presented_token
+from gateway.problems import GatewayError
 from gateway.token_format import issue_token, parse_token
 from tests.conftest import Gateway, Upstream
 
@@ -115,3 +117,72 @@ async def test_a_rotated_out_secret_is_refused_without_argon2_work(gateway: Gate
         response = await gateway.call(created["token"])
         assert (await response.json())["code"] == "invalid_token"
     assert gateway.core.hasher.verify_calls == verifications
+
+
+def _refusal(authorization: str | None, prefix: str = "gw") -> tuple[int, str, str, dict[str, str]]:
+    with pytest.raises(GatewayError) as refused:
+        presented_token(authorization, prefix)
+    error = refused.value
+    return error.status, error.code, error.detail, dict(error.headers or {})
+
+
+MISSING = (401, "missing_credentials")
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="gateway"'}
+NOT_BASE64 = "The Basic credentials are not valid base64 of 'user:password'."
+
+
+def _b64(raw: str) -> str:
+    return base64.b64encode(raw.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    ("authorization", "detail"),
+    [
+        (None, "Send the API token as 'Authorization: Bearer <token>'."),
+        ("", "Send the API token as 'Authorization: Bearer <token>'."),
+        ("Bearer", "The Bearer credentials are empty or malformed."),
+        ("Bearer a b", "The Bearer credentials are empty or malformed."),
+        ("Token abc", "Only the Bearer and Basic authorization schemes are accepted."),
+        ("Basic dXNlcjpwYXNz!!", NOT_BASE64),  # "user:pass" and junk a lenient decoder would drop
+        ("Basic " + _b64("no-colon"), NOT_BASE64),
+        ("Basic " + base64.b64encode(b"\xff:\xfe").decode(), NOT_BASE64),
+        ("Basic " + _b64(":"), "The Basic credentials carry no token."),
+    ],
+)
+def test_each_refusal_of_the_credentials_says_what_was_wrong(authorization: str | None, detail: str) -> None:
+    assert _refusal(authorization) == (*MISSING, detail, CHALLENGE)
+
+
+def test_an_authorization_header_of_4096_characters_is_read_and_of_4097_refused() -> None:
+    assert presented_token("Bearer " + "a" * 4089, "gw") == "a" * 4089
+    assert _refusal("Bearer " + "a" * 4090) == (
+        431, "authorization_too_long", "The Authorization header is longer than 4096 characters.", {}
+    )
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "token"),
+    [
+        ("gw_abc", "", "gw_abc"),
+        ("", "gw_abc", "gw_abc"),
+        ("someone", "gw_abc", "gw_abc"),
+        ("gw_abc", "something:else", "gw_abc"),  # the password may hold a colon; the user may not
+        ("", "no-prefix", "no-prefix"),
+        ("no-prefix", "", "no-prefix"),
+        ("first", "second", "first"),
+    ],
+)
+def test_the_token_is_found_in_either_basic_field(user: str, password: str, token: str) -> None:
+    assert presented_token("Basic " + _b64(f"{user}:{password}"), "gw") == token
+
+
+def test_invalid_token_answers_rfc_6750_with_one_detail() -> None:
+    error = invalid_token()
+    assert (error.status, error.code, error.detail) == (401, "invalid_token", "The token is not valid.")
+    assert error.headers == {
+        "WWW-Authenticate": 'Bearer realm="gateway", error="invalid_token", error_description="The token is not valid."'
+    }
+    assert invalid_token("Other.").headers == {
+        "WWW-Authenticate": 'Bearer realm="gateway", error="invalid_token", error_description="Other."'
+    }
+    assert invalid_token("Other.").detail == "Other."

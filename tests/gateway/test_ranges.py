@@ -173,3 +173,8 @@ def test_ranges_one_address_apart_stay_apart() -> None:
     assert [_address(f"192.0.2.{last}") in compiled for last in range(7)] == [
         False, True, False, True, True, True, False
     ]
+
+
+def test_low_ipv6_spans_show_as_ipv6() -> None:
+    """An IPv6 span near :: has integer edges that would read as IPv4 if the version were guessed."""
+    assert repr(compile_ranges(["::/127", "0.0.0.0/31"])) == "AllowedRanges(['0.0.0.0-0.0.0.1', '::-::1'])"
