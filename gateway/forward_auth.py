@@ -14,6 +14,10 @@ request, so a client's own X-Original-URI would be judged in place of the path T
 address is X-Forwarded-For, believed only from trusted_proxies, as on the proxy port; the target is judged by
 the same function the proxy uses.
 
+The proxy in front forwards the client's own headers to the upstream, so the gateway cannot drop a header
+an upstream would read as the method or the path (X-HTTP-Method-Override, X-Original-URL, SCRIPT_NAME...):
+an auth request that carries one, other than the convention's own, is refused with 400 `override_header`.
+
 The auth request carries no body, so a POST is judged as if it had one (with body_method_override on), and
 a level's max_body_bytes is the operator's proxy to enforce.
 """
@@ -26,7 +30,12 @@ from aiohttp import web
 
 from gateway.core import Core
 from gateway.decision import Decider
-from gateway.forward import gateway_headers
+from gateway.forward import (
+    HEADER_NAME_FOLD,
+    METHOD_OVERRIDE_HEADERS,
+    PATH_OVERRIDE_HEADERS,
+    gateway_headers,
+)
 from gateway.http_server import HttpRequest, RequestHandler
 from gateway.problems import GatewayError
 
@@ -41,6 +50,8 @@ CONVENTIONS: dict[str, tuple[bytes, bytes] | None] = {
     "envoy": None,
 }
 _METHOD = re.compile(r"[A-Z]{1,20}(?:-[A-Z]{1,20})?")
+# Headers an upstream reads as the request's method or path (forward.py drops them on the proxy port).
+_OVERRIDE_HEADERS = METHOD_OVERRIDE_HEADERS | PATH_OVERRIDE_HEADERS
 _ALLOWED_HEAD = b"Content-Type: text/plain\r\nCache-Control: no-store\r\n"
 
 
@@ -74,6 +85,13 @@ class ForwardAuthHandler:
         targets: list[bytes] = []
         for name, value in request.headers:
             lower = name.lower()
+            if lower != target_name and name.translate(HEADER_NAME_FOLD) in _OVERRIDE_HEADERS:
+                raise GatewayError(
+                    400,
+                    "override_header",
+                    f"The request carries {name.decode('latin-1')}, which an upstream may read as the request's"
+                    " method or path; the proxy in front would pass it on unjudged.",
+                )
             if lower == b"authorization":
                 if authorization is None:
                     authorization = value.decode("latin-1")

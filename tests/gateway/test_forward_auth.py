@@ -135,12 +135,16 @@ def _client_for(forward_auth: ForwardAuth) -> Any:
     return _Port(forward_auth.port)
 
 
-async def test_nginx_convention_ignores_the_forwarded_uri_a_client_could_send(forward_auth: ForwardAuth) -> None:
+async def test_nginx_convention_ignores_a_forwarded_method_and_refuses_a_forwarded_uri_a_client_could_send(
+    forward_auth: ForwardAuth,
+) -> None:
     token = (await forward_auth.gateway.create_token(access_level="read_only"))["token"]
-    response = await forward_auth.nginx(
-        token, "DELETE", "/api/posts/1", **{"X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/api/posts/1"}
-    )
+    response = await forward_auth.nginx(token, "DELETE", "/api/posts/1", **{"X-Forwarded-Method": "GET"})
     assert response.status == 403
+    assert await _code(response) == "insufficient_access_level"
+    response = await forward_auth.nginx(token, "GET", "/api/posts/1", **{"X-Forwarded-Uri": "/api/users"})
+    assert response.status == 400
+    assert await _code(response) == "override_header"
 
 
 @pytest.mark.parametrize("convention", ["traefik", "caddy"])
@@ -158,12 +162,13 @@ async def test_forwarded_convention_reads_x_forwarded_method_and_uri_only(
     # Traefik copies every client header to the auth request: a client's own X-Original-* must not count.
     refused = await forward_auth.ask(
         headers={**auth, "X-Forwarded-Method": "DELETE", "X-Forwarded-Uri": "/api/posts/1",
-                 "X-Original-Method": "GET", "X-Original-URI": "/api/posts/1"}
+                 "X-Original-Method": "GET"}
     )
     assert refused.status == 403
     assert await _code(refused) == "insufficient_access_level"
-    incomplete = await forward_auth.ask(headers={**auth, "X-Original-Method": "GET", "X-Original-URI": "/api/posts"})
+    incomplete = await forward_auth.ask(headers={**auth, "X-Original-Method": "GET"})
     assert incomplete.status == 400
+    assert await _code(incomplete) == "forward_auth_request_incomplete"
 
 
 async def test_envoy_convention_judges_the_auth_requests_own_method_and_path(
@@ -171,7 +176,7 @@ async def test_envoy_convention_judges_the_auth_requests_own_method_and_path(
 ) -> None:
     forward_auth = await start_forward_auth(forward_auth_convention="envoy", forward_auth_path_prefix="/check")
     created = await forward_auth.gateway.create_token(access_level="editorial")
-    auth = {"Authorization": f"Bearer {created['token']}", "X-Original-URI": "/api/posts/1"}
+    auth = {"Authorization": f"Bearer {created['token']}"}
     allowed = await forward_auth.ask("DELETE", "/check/api/posts/1", headers=auth)
     assert allowed.status == 200
     assert allowed.headers["X-Gateway-Token-Id"] == created["id"]
@@ -269,3 +274,36 @@ async def test_an_allowed_target_in_another_spelling_is_refused_as_the_proxy_for
     assert await _code(answer) == "non_canonical_path"
     assert (await forward_auth.nginx(token, "DELETE", canonical + "?next=/../%2F;#x")).status == 400  # '#'
     assert (await forward_auth.nginx(token, "DELETE", canonical + "?next=/../%2F;x")).status == 200
+
+
+@pytest.mark.parametrize(
+    ("convention", "header"),
+    [
+        ("nginx", "X-HTTP-Method-Override"),
+        ("nginx", "X_Original_URL"),
+        ("nginx", "X-Forwarded-Uri"),
+        ("traefik", "SCRIPT_NAME"),
+        ("traefik", "X-Original-URI"),
+        ("caddy", "X-Method-Override"),
+        ("envoy", "X-Rewrite-URL"),
+    ],
+)
+async def test_an_auth_request_carrying_a_method_or_path_override_gets_400(
+    start_forward_auth: StartForwardAuth, convention: str, header: str
+) -> None:
+    # The proxy in front forwards the client's headers upstream itself: the gateway cannot drop them there.
+    forward_auth = await start_forward_auth(forward_auth_convention=convention, forward_auth_path_prefix="/check")
+    token = (await forward_auth.gateway.create_token(access_level="administrative"))["token"]
+    original = (
+        {}
+        if convention == "envoy"
+        else {"X-Original-Method": "GET", "X-Original-URI": "/api/posts"}
+        if convention == "nginx"
+        else {"X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/api/posts"}
+    )
+    headers = {"Authorization": f"Bearer {token}", **original}
+    target = "/check/api/posts" if convention == "envoy" else "/"
+    assert (await forward_auth.ask("GET", target, headers=headers)).status == 200
+    refused = await forward_auth.ask("GET", target, headers={**headers, header: "/api/users"})
+    assert refused.status == 400
+    assert await _code(refused) == "override_header"
