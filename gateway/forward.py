@@ -16,6 +16,7 @@ from http import HTTPStatus
 from time import perf_counter
 from urllib.parse import unquote_to_bytes, urlsplit
 
+from gateway.client_ip import ClientAddress, parse_forwarded_hop
 from gateway.http_server import HttpRequest, RequestBody, date_header
 from gateway.outage import OutageLog
 from gateway.problems import GatewayError
@@ -106,15 +107,33 @@ def _connection_listed(values: list[bytes]) -> frozenset[bytes]:
 
 
 def upstream_request_head(
-    request: HttpRequest, *, host: bytes, peer_trusted: bool, proto: bytes = b"http"
+    request: HttpRequest,
+    *,
+    host: bytes,
+    peer_trusted: bool,
+    proto: bytes = b"http",
+    client: ClientAddress | None = None,
 ) -> bytes:
     """The client's headers as sent upstream, as `Name: value\\r\\n` lines: REQUEST_HEADERS_DROPPED and
     gateway-owned names dropped (compared folded), forwarding headers rewritten (`proto`: the scheme the client
-    reached the gateway with). The upstream client adds framing; the caller adds `gateway_headers`."""
-    lines, connection = _forwarded_lines(request, host, REQUEST_HEADERS_DROPPED, peer_trusted, proto)
+    reached the gateway with; `client`: the address judged). The upstream client adds framing; the caller adds
+    `gateway_headers`."""
+    lines, connection = _forwarded_lines(request, host, REQUEST_HEADERS_DROPPED, peer_trusted, proto, client)
     if connection and (listed := _connection_listed(connection)):
-        lines, _ = _forwarded_lines(request, host, REQUEST_HEADERS_DROPPED | listed, peer_trusted, proto)
+        lines, _ = _forwarded_lines(request, host, REQUEST_HEADERS_DROPPED | listed, peer_trusted, proto, client)
     return b"".join(lines)
+
+
+def judged_chain(hops: list[bytes], client: ClientAddress | None) -> list[bytes]:
+    """The X-Forwarded-For hops from the judged client rightwards. Hops left of it were written by the client
+    itself: an upstream that reads the leftmost hop (Express `req.ips[0]`, request-ip) would otherwise take an
+    address nobody checked for the client's. No judged client (an unreadable hop): none of them."""
+    if client is None:
+        return []
+    for index in range(len(hops) - 1, -1, -1):
+        if parse_forwarded_hop(hops[index].decode("latin-1")) == client:
+            return hops[index:]
+    return []
 
 
 def refuse_method_override(target: bytes) -> None:
@@ -139,7 +158,12 @@ def gateway_headers(token_id: str, access_level: str) -> bytes:
 
 
 def _forwarded_lines(
-    request: HttpRequest, host: bytes, dropped: frozenset[bytes], peer_trusted: bool, proto: bytes
+    request: HttpRequest,
+    host: bytes,
+    dropped: frozenset[bytes],
+    peer_trusted: bool,
+    proto: bytes,
+    client: ClientAddress | None,
 ) -> tuple[list[bytes], list[bytes]]:
     """The client's headers minus `dropped`, forwarding headers rewritten; and the Connection values seen."""
     lines = [b"Host: ", host, b"\r\n"]
@@ -163,6 +187,8 @@ def _forwarded_lines(
                     forwarded_host = value
             continue
         lines += (name, b": ", value, b"\r\n")
+    if forwarded_for:
+        forwarded_for = judged_chain(forwarded_for, client)
     if request.peer:
         forwarded_for.append(request.peer.encode())
     if forwarded_for:

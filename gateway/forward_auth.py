@@ -31,6 +31,7 @@ from aiohttp import web
 from gateway.core import Core
 from gateway.decision import Decider
 from gateway.forward import (
+    GATEWAY_HEADER_PREFIX,
     HEADER_NAME_FOLD,
     METHOD_OVERRIDE_HEADERS,
     PATH_OVERRIDE_HEADERS,
@@ -85,7 +86,17 @@ class ForwardAuthHandler:
         targets: list[bytes] = []
         for name, value in request.headers:
             lower = name.lower()
-            if lower != target_name and name.translate(HEADER_NAME_FOLD) in _OVERRIDE_HEADERS:
+            folded = name.translate(HEADER_NAME_FOLD)
+            if folded != lower and folded.startswith(GATEWAY_HEADER_PREFIX):
+                # The front proxy replaces X-Gateway-Token-Id with the answer's, but not X_Gateway_Token_Id,
+                # which CGI-style upstreams read as the same header.
+                raise GatewayError(
+                    400,
+                    "override_header",
+                    f"The request carries {name.decode('latin-1')}, which an upstream may read as the gateway's"
+                    " own identity header; the proxy in front would pass it on unreplaced.",
+                )
+            if lower != target_name and folded in _OVERRIDE_HEADERS:
                 raise GatewayError(
                     400,
                     "override_header",

@@ -122,7 +122,11 @@ class ProxyHandler:
         authorization, forwarded_for = credential_headers(request.headers)
         caller = self._decider.caller(authorization, request.peer, forwarded_for)
         upstream_head = upstream_request_head(
-            request, host=self._forwarder.host, peer_trusted=caller.peer_trusted, proto=self._proto
+            request,
+            host=self._forwarder.host,
+            peer_trusted=caller.peer_trusted,
+            proto=self._proto,
+            client=caller.client_ip,
         )
         return _SeenHeaders(request.headers, caller, upstream_head)
 

@@ -252,11 +252,18 @@ def _as_database(raw: Any) -> Path | Secret:
 
 
 def redact_url(text: str) -> str:
-    """The URL with its password (if any) replaced by stars, fit for a message or a repr."""
+    """The URL with its password (if any, in the user part or as libpq's `?password=`) replaced by stars, fit
+    for a message or a repr."""
     parts = urlsplit(text)
-    if parts.password is None:
-        return text
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":**********@", 1)).geturl()
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":**********@", 1))
+    if "password" in parts.query.lower():
+        query = "&".join(
+            f"{key}=**********" if key.lower() == "password" else f"{key}{sign}{value}"
+            for key, sign, value in (item.partition("=") for item in parts.query.split("&"))
+        )
+        parts = parts._replace(query=query)
+    return parts.geturl()
 
 
 def _as_secret(minimum_length: int) -> Callable[[Any], Secret]:

@@ -286,6 +286,8 @@ async def test_an_allowed_target_in_another_spelling_is_refused_as_the_proxy_for
         ("traefik", "X-Original-URI"),
         ("caddy", "X-Method-Override"),
         ("envoy", "X-Rewrite-URL"),
+        ("nginx", "X_Gateway_Token_Id"),
+        ("caddy", "x_gateway_access_level"),
     ],
 )
 async def test_an_auth_request_carrying_a_method_or_path_override_gets_400(

@@ -414,10 +414,35 @@ async def test_a_trusted_proxy_s_forwarded_proto_host_and_for_are_passed_on(
     pairs = [(name.lower(), value) for name, value in upstream.last["header_pairs"]]
     forwarding = [pair for pair in pairs if pair[0].startswith("x-forwarded-")]
     assert sorted(forwarding) == [
-        ("x-forwarded-for", "203.0.113.5, 10.0.0.2, 127.0.0.1"),
+        ("x-forwarded-for", "10.0.0.2, 127.0.0.1"),
         ("x-forwarded-host", "public.example"),
         ("x-forwarded-proto", "https"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("sent", "forwarded"),
+    [
+        # 10.0.0.2 is the first untrusted hop: what it claims to the left is its own writing.
+        ("6.6.6.6, 203.0.113.5, 10.0.0.2", "10.0.0.2, 127.0.0.1"),
+        # Trusted hops right of the client stay; the client's own claims left of it go.
+        ("6.6.6.6, 203.0.113.5, 127.0.0.9", "203.0.113.5, 127.0.0.9, 127.0.0.1"),
+        # Every hop trusted: the leftmost is the client, the whole chain was judged.
+        ("127.0.0.7, 127.0.0.8", "127.0.0.7, 127.0.0.8, 127.0.0.1"),
+        ("203.0.113.5:443, 127.0.0.9", "203.0.113.5:443, 127.0.0.9, 127.0.0.1"),
+        # An unreadable hop leaves the client unknown: no hop of the chain is vouched for.
+        ("203.0.113.5, garbage, 127.0.0.9", "127.0.0.1"),
+    ],
+)
+async def test_the_upstream_gets_the_forwarded_for_chain_from_the_judged_client_on(
+    start_gateway: GatewayFactory, upstream: Upstream, sent: str, forwarded: str
+) -> None:
+    """An upstream that reads the leftmost hop (Express req.ips[0], request-ip) must see the judged client."""
+    gateway = await start_gateway(trusted_proxies=["127.0.0.0/8"])
+    token = (await gateway.create_token(allowed_ip_ranges=[]))["token"]
+    response = await gateway.call(token, headers={"X-Forwarded-For": sent})
+    assert response.status == 200
+    assert upstream.last["headers"]["X-Forwarded-For"] == forwarded
 
 
 async def test_a_trusted_proxy_without_forwarded_proto_and_host_gets_the_gateway_s_own(

@@ -452,7 +452,8 @@ async def test_forwarded_for_of_1000_hops_from_a_trusted_proxy_is_walked_to_its_
     status, reply, _ = await _through_a_trusted_proxy(start_gateway, ["1.1.1.1/32"], chain)
     assert status == 200, reply[:300]
     forwarded = upstream.last["headers"]["X-Forwarded-For"].split(", ")
-    assert len(forwarded) == 1001 and forwarded[-2:] == ["127.0.0.1", "127.0.0.1"]
+    # The 998 copies left of the judged client are its own claims: they are not passed on.
+    assert forwarded == ["1.1.1.1", "127.0.0.1", "127.0.0.1"]
 
     status, reply, _ = await _through_a_trusted_proxy(start_gateway, ["127.0.0.1/32"], chain)
     assert status == 403 and b"This token may not be used from 1.1.1.1." in reply, reply[:300]

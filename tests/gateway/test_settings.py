@@ -63,3 +63,25 @@ def test_a_config_file_may_replace_the_access_levels(tmp_path: Path) -> None:
 def test_a_bad_value_is_refused_naming_the_setting(environ: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
         load_settings(environ=environ)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://gateway:hunter2-secret@db.internal/gateway",
+        "postgresql://gateway@db.internal/gateway?password=hunter2-secret",
+        "postgres://gateway@db.internal/gateway?sslmode=require&PASSWORD=hunter2-secret",
+    ],
+)
+def test_a_database_password_in_the_url_never_reaches_a_repr_or_a_message(url: str) -> None:
+    from gateway.store.postgres import PostgresStore
+
+    settings = load_settings(environ={"GATEWAY_DATABASE_URL": url})
+    assert settings.postgres_url is not None
+    store = PostgresStore(settings.postgres_url)
+    assert "hunter2" not in repr(settings)
+    assert "hunter2" not in repr(store)
+    assert "hunter2" not in store.where
+    with pytest.raises(SettingsError) as refused:
+        load_settings(environ={"GATEWAY_DATABASE_URL": url.replace("postgres", "mysql", 1)})
+    assert "hunter2" not in str(refused.value)
