@@ -123,6 +123,15 @@ class Authenticator:
                 self._limits.record_failure(source, token.token_id, digest, self._hashes(entry))
             raise store_unavailable() from None
 
+    def still_accepts(self, entry: CachedToken, presented: IdentifiedToken) -> bool:
+        """Whether `entry`, the last version known, still lets this secret in now. For an open tunnel while the
+        store cannot be read: expiry and the end of a grace period need no store."""
+        try:
+            _check_usable(entry)
+        except GatewayError:
+            return False
+        return self._memo_accepts(entry, presented.digest)
+
     def _memo_accepts(self, entry: CachedToken, digest: bytes) -> bool:
         return digests_equal(entry.memo_current, digest) or (
             digests_equal(entry.memo_previous, digest) and self._in_grace(entry)

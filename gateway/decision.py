@@ -82,6 +82,7 @@ class Decider:
         self._client_ips = client_ips
         # The steady state, without an await: the token when its fresh cache entry knows this secret, else None.
         self.accept_known = authenticator.accept_known
+        self.still_accepts = authenticator.still_accepts
 
     def caller(self, authorization: str | None, peer: str | None, forwarded_for: list[str]) -> Caller:
         """The presented token (a 401 when there is none, or it is malformed) and the client address."""

@@ -104,8 +104,9 @@ class ProxyHandler:
         )
 
     async def still_allowed(self, tunnel: Tunnel) -> bool:
-        """Whether an open tunnel's token still allows it, judged as its upgrade request was; an outage of the
-        store (or a failure limit) keeps the last decision rather than closing on a guess."""
+        """Whether an open tunnel's token still allows it, judged as its upgrade request was. An outage of the
+        store (or a failure limit) keeps the last version known rather than closing on a guess, up to what that
+        version says itself: its expiry and the end of a grace period still close the tunnel."""
         grant = tunnel.judged
         assert isinstance(grant, _Grant)
         request = tunnel.request
@@ -115,7 +116,8 @@ class ProxyHandler:
                 self._decider.judge(token, request.method, request.target, grant.caller.client_ip, body=False)
                 grant.token = token
         except GatewayError as error:
-            return error.status == 429 or error.status >= 500
+            undecided = error.status == 429 or error.status >= 500
+            return undecided and self._decider.still_accepts(grant.token, grant.caller.identified)
         return True
 
     def _read_headers(self, request: HttpRequest) -> _SeenHeaders:

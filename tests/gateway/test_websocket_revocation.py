@@ -13,6 +13,7 @@ import websockets
 from aiohttp import WSMsgType
 
 from tests.conftest import Gateway, GatewayFactory
+from tests.gateway.test_store_down import ruin_the_store
 from tests.gateway.test_websocket import StartWs, WsUpstream, bearer, start_ws, ws_upstream, ws_url
 
 __all__ = ["start_ws", "ws_upstream"]  # fixtures
@@ -83,6 +84,28 @@ async def test_expiry_closes_an_open_tunnel(start_ws: StartWs) -> None:
     created = await gateway.create_token(expires_at=expires)
     async with aiohttp.ClientSession() as session:
         ws = await session.ws_connect(ws_url(gateway), headers=bearer(created["token"]))
+        assert await _closed_with(ws) == 1008
+
+
+@pytest.mark.parametrize("ends", ["expiry", "grace"])
+async def test_an_open_tunnel_closes_at_its_token_s_own_deadline_while_the_store_is_down(
+    start_ws: StartWs, ends: str
+) -> None:
+    """The last version known of the token says when it stops: a store outage keeps the tunnel open up to
+    then, not past it."""
+    gateway = await start_ws(cache_ttl=0.2)
+    soon = (datetime.now(UTC) + timedelta(seconds=2)).isoformat().replace("+00:00", "Z")
+    created = await gateway.create_token(expires_at=soon if ends == "expiry" else None)
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(ws_url(gateway), headers=bearer(created["token"]))
+        if ends == "grace":
+            status, _ = await gateway.admin_call("POST", f"/v1/tokens/{created['id']}/rotate", json={"grace_seconds": 2})
+            assert status == 200
+        await ws.send_str("before the outage")
+        assert (await ws.receive(timeout=10)).data == "before the outage"
+        ruin_the_store(gateway)
+        await ws.send_str("during the outage")
+        assert (await ws.receive(timeout=10)).data == "during the outage"
         assert await _closed_with(ws) == 1008
 
 
