@@ -70,6 +70,7 @@ class ForwardAuthHandler:
         authorization, forwarded_for, method, target = self._read(request)
         decider = self._decider
         caller = decider.caller(authorization, request.peer, forwarded_for)
+        request.client = None if caller.client_ip is None else caller.client_ip.text  # for the access log
         token = await decider.token(caller)
         request.token_id = token.record.id
         decider.judge(token, method, target, caller.client_ip, body=method == "POST", canonical_only=True)

@@ -27,6 +27,17 @@ async def test_allowed_request_gets_200_with_identity_headers_and_no_body(forwar
     assert response.headers["Cache-Control"] == "no-store"
 
 
+async def test_the_access_log_names_the_client_judged_not_the_proxy_in_front(
+    start_forward_auth: StartForwardAuth,
+) -> None:
+    forward_auth = await start_forward_auth(trusted_proxies=["127.0.0.1"])
+    created = await forward_auth.gateway.create_token()
+    response = await forward_auth.nginx(created["token"], "GET", "/api/posts", **{"X-Forwarded-For": "203.0.113.9"})
+    assert response.status == 200
+    lines = [line for line in forward_auth.gateway.access_lines() if created["id"] in line]
+    assert len(lines) == 1 and " 203.0.113.9 " in f" {lines[0]} " and "127.0.0.1" not in lines[0]
+
+
 async def test_missing_token_gets_401_problem_with_www_authenticate(forward_auth: ForwardAuth) -> None:
     response = await forward_auth.nginx(None, "GET", "/api/posts")
     assert response.status == 401
