@@ -30,10 +30,13 @@ def _bin_directory() -> Path:
 
 
 class PostgresServer:
-    """`durable=False` trades the last commits before a crash for speed; tests that crash the server keep them."""
+    """`durable=False` trades the last commits before a crash for speed; tests that crash the server keep them.
+    `host` is the one address it listens on; `wrapper` prefixes every server command (`ip netns exec NS` runs
+    it on another network namespace's host)."""
 
-    def __init__(self, *, durable: bool = False) -> None:
+    def __init__(self, *, durable: bool = False, host: str = "127.0.0.1", wrapper: tuple[str, ...] = ()) -> None:
         self.durable = durable
+        self.host = host
         self.bin = _bin_directory()
         self.port = free_port()
         self.directory = Path(tempfile.mkdtemp(prefix="gateway-postgres-"))
@@ -43,10 +46,11 @@ class PostgresServer:
             owner = pwd.getpwnam("postgres")
             os.chown(self.directory, owner.pw_uid, owner.pw_gid)
             self._as_user = ["runuser", "-u", "postgres", "--"]
+        self._as_user = [*wrapper, *self._as_user]
 
     def url(self, database: str = "postgres", *, password: bool = True) -> str:
         secret = f":{PASSWORD}" if password else ""
-        return f"postgresql://{SUPERUSER}{secret}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{SUPERUSER}{secret}@{self.host}:{self.port}/{database}"
 
     def _run(self, *command: str) -> None:
         result = subprocess.run(
@@ -75,7 +79,7 @@ class PostgresServer:
 
     def start(self) -> None:
         options = (
-            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+            f"-p {self.port} -k {self.directory} -c listen_addresses={self.host} -c fsync=off"
             " -c full_page_writes=off -c max_connections=200"
         )
         if not self.durable:

@@ -18,35 +18,53 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        wrapper: tuple[str, ...] = (),
+        password: str | None = None,
+    ) -> None:
+        """`wrapper` prefixes the server's command (`ip netns exec NS` runs it on another namespace's host);
+        beyond loopback, Redis answers only with a `password`."""
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError("redis-server is not installed: run scripts/test, which installs it")
         self.executable = executable
         self.directory = directory
         self.port = port or free_port()
+        self.host = host
+        self.wrapper = wrapper
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        secret = f":{self.password}@" if self.password else ""
+        return f"redis://{secret}{self.host}:{self.port}/0"
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [
+                *self.wrapper,
                 self.executable,
                 "--port", str(self.port),
-                "--bind", "127.0.0.1",
+                "--bind", self.host,
                 "--save", "",
                 "--appendonly", "no",
                 "--dir", str(self.directory),
                 "--protected-mode", "yes",
+                *(("--requirepass", self.password) if self.password else ()),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(
+            host=self.host, port=self.port, password=self.password, socket_connect_timeout=0.2
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
