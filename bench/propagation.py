@@ -5,7 +5,13 @@ port, sharing the store and Redis), keeps traffic flowing through both replicas,
 changes through the admin API: disable, enable, rotate, edit ranges (out and back in), delete. For each, it
 measures the time from the admin API's 2xx until each replica answers with the new decision.
 
-    .venv/bin/python bench/propagation.py [--cycles 34] [--out bench/results/propagation.md]
+    .venv/bin/python bench/propagation.py [--cycles 34] [--store sqlite|postgresql] [--redis up|stopped]
+                                          [--out bench/results/propagation.md]
+
+`--store postgresql` runs the store on a PostgreSQL server of its own (initdb into the temporary directory,
+as the test suite does); `--redis stopped` (PostgreSQL only) kills Redis once every process is up, so that
+changes reach the replicas through PostgreSQL's NOTIFY alone. On PostgreSQL every process trusts a cached
+token for `cache_ttl` = 60 s, so no entry expiring can explain a lag under a minute.
 
 Run by hand (it is not a test): it prints a table and writes it to the output file.
 """
@@ -27,6 +33,9 @@ import time
 from pathlib import Path
 
 import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/postgres_server.py
+from tests.postgres_server import PostgresServer  # noqa: E402
 
 ADMIN_KEY = "bench-admin-key-0123456789abcdef"
 
@@ -58,8 +67,12 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 class Bench:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, store: str = "sqlite", redis: str = "up") -> None:
         self.workdir = workdir
+        self.store = store
+        self.redis = redis
+        self.postgres: PostgresServer | None = None
+        self.redis_process: subprocess.Popen[bytes] | None = None
         self.processes: list[subprocess.Popen[bytes]] = []
         self.redis_port = free_port()
         self.upstream_port = free_port()
@@ -78,35 +91,71 @@ class Bench:
             sys.exit("redis-server is not installed (scripts/test installs it)")
         self.spawn([redis_server, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
                     "--dir", str(self.workdir)])
+        self.redis_process = self.processes[-1]
+        database_url = f"sqlite:///{self.workdir / 'gateway.db'}"
+        if self.store == "postgresql":
+            self.postgres = PostgresServer()
+            self.postgres.initialise()
+            self.postgres.start()
+            database_url = self.postgres.url()
         self.spawn([sys.executable, "-c",
                     "import sys; from aiohttp import web; from gateway.demo_upstream import create_demo_upstream_app;"
                     f"web.run_app(create_demo_upstream_app(), host='127.0.0.1', port={self.upstream_port},"
                     " access_log=None, print=None)"])
         common = {
             "GATEWAY_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
-            "GATEWAY_DATABASE_URL": f"sqlite:///{self.workdir / 'gateway.db'}",
+            "GATEWAY_DATABASE_URL": database_url,
             "GATEWAY_UPSTREAM": f"http://127.0.0.1:{self.upstream_port}",
             "GATEWAY_ADMIN_KEY": ADMIN_KEY,
             "GATEWAY_ACCESS_LOG": "false",
             "GATEWAY_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}",
         }
+        if self.store == "postgresql":
+            common["GATEWAY_CACHE_TTL"] = "60"
         await wait_http(f"http://127.0.0.1:{self.upstream_port}/")
-        self.spawn([sys.executable, "-m", "gateway", "admin"], **common)
+        migrate = ["--migrate"] if self.store == "postgresql" else []
+        self.spawn([sys.executable, "-m", "gateway", "admin", *migrate], **common)
         await wait_http(f"http://127.0.0.1:{self.admin_port}/healthz")
         for port in self.proxy_ports:
             self.spawn([sys.executable, "-m", "gateway", "proxy"], **common,
                        GATEWAY_PROXY_LISTEN=f"127.0.0.1:{port}")
         for port in self.proxy_ports:
             await wait_http(f"http://127.0.0.1:{port}/")
+        if self.redis == "stopped":
+            assert self.postgres is not None and self.redis_process is not None
+            await self.until_listening(len(self.proxy_ports))
+            self.redis_process.kill()
+            self.redis_process.wait()
+
+    async def until_listening(self, proxies: int) -> None:
+        """Until every proxy holds its LISTEN connection to the store (before Redis goes away)."""
+        import asyncpg
+
+        assert self.postgres is not None
+        connection = await asyncpg.connect(self.postgres.url())
+        try:
+            for _ in range(600):
+                listening = await connection.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'api-token-gateway-listener'"
+                )
+                if listening >= proxies:
+                    return
+                await asyncio.sleep(0.05)
+        finally:
+            await connection.close()
+        raise RuntimeError("the proxies never listened to the store's notifications")
 
     def stop(self) -> None:
         for process in reversed(self.processes):
-            process.send_signal(signal.SIGTERM)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
         for process in self.processes:
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 process.kill()
+        if self.postgres is not None:
+            self.postgres.remove()
 
 
 async def decision(session: aiohttp.ClientSession, port: int, token: str) -> tuple[int, str | None]:
@@ -131,9 +180,9 @@ async def background_traffic(session: aiohttp.ClientSession, ports: list[int], t
             counter[0] += 1
 
 
-async def run(cycles: int) -> tuple[dict[str, list[float]], list[float], int]:
+async def run(cycles: int, store: str, redis: str) -> tuple[dict[str, list[float]], list[float], int]:
     with tempfile.TemporaryDirectory(prefix="gateway-propagation-") as directory:
-        bench = Bench(Path(directory))
+        bench = Bench(Path(directory), store=store, redis=redis)
         try:
             await bench.start()
             return await measure(bench, cycles)
@@ -195,7 +244,9 @@ async def measure(bench: Bench, cycles: int) -> tuple[dict[str, list[float]], li
     return by_change, every, counter[0]
 
 
-def table(by_change: dict[str, list[float]], every: list[float], requests: int, wall: float) -> str:
+def table(
+    by_change: dict[str, list[float]], every: list[float], requests: int, wall: float, setup: str
+) -> str:
     rows = ["| change | samples | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|---:|"]
     for name, values in [*by_change.items(), ("all changes, both replicas", every)]:
         rows.append(f"| {name} | {len(values)} | {statistics.median(values):.2f} | "
@@ -203,7 +254,7 @@ def table(by_change: dict[str, list[float]], every: list[float], requests: int, 
     changes = len(every) // 2
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     return (
-        f"Propagation from the admin API's 2xx to each replica's new decision "
+        f"Propagation from the admin API's 2xx to each replica's new decision, {setup} "
         f"({changes} changes x 2 replicas, {requests} background requests, {wall:.0f} s, {machine}).\n\n"
         + "\n".join(rows) + "\n"
     )
@@ -212,14 +263,27 @@ def table(by_change: dict[str, list[float]], every: list[float], requests: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=34, help="each cycle makes 6 changes (default 34: 204)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "propagation.md"))
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--redis", choices=("up", "stopped"), default="up",
+                        help="stopped: kill Redis once every process is up (PostgreSQL only: NOTIFY alone)")
+    parser.add_argument("--out", help="default bench/results/propagation[-postgresql[-without-redis]].md")
     arguments = parser.parse_args()
+    if arguments.redis == "stopped" and arguments.store != "postgresql":
+        parser.error("--redis stopped needs --store postgresql: without Redis, only the store's NOTIFY propagates")
+    name = "propagation" + ("-postgresql" if arguments.store == "postgresql" else "")
+    name += "-without-redis" if arguments.redis == "stopped" else ""
+    out = arguments.out or str(Path(__file__).parent / "results" / f"{name}.md")
+    setup = {
+        ("sqlite", "up"): "SQLite + Redis (cache_ttl 5 s)",
+        ("postgresql", "up"): "PostgreSQL + Redis (cache_ttl 60 s)",
+        ("postgresql", "stopped"): "PostgreSQL with Redis stopped: NOTIFY only (cache_ttl 60 s)",
+    }[(arguments.store, arguments.redis)]
     started = time.monotonic()
-    by_change, every, requests = asyncio.run(run(arguments.cycles))
-    report = table(by_change, every, requests, time.monotonic() - started)
+    by_change, every, requests = asyncio.run(run(arguments.cycles, arguments.store, arguments.redis))
+    report = table(by_change, every, requests, time.monotonic() - started, setup)
     print(report)
-    Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(arguments.out).write_text(report)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(report)
 
 
 if __name__ == "__main__":
