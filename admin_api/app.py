@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from admin_api import admin_key_routes, openapi, page_routes, token_routes
+from admin_api import admin_key_routes, openapi, page_routes, token_routes, usage_routes
 from admin_api.admin_auth import AdminAuthenticator, admin_auth_middleware, admin_authenticator_key
 from admin_api.validation import parse_limit, query_parameters
 from gateway.background import background_task
@@ -67,6 +67,7 @@ def create_admin_app(core: Core, authenticator: AdminAuthenticator) -> web.Appli
     app[core_key] = core
     app[admin_authenticator_key] = authenticator
     app.router.add_routes(token_routes.routes)
+    app.router.add_routes(usage_routes.routes)
     app.router.add_routes(admin_key_routes.routes)
     app.router.add_routes(routes)
     app.router.add_routes(openapi.routes)

@@ -16,6 +16,7 @@ from admin_api.validation import MAX_GRACE_SECONDS, MAX_PAGE_SIZE, NAME_MAX_LENG
 from gateway.core import core_key
 from gateway.problems import PROBLEM_CONTENT_TYPE
 from gateway.ranges import MAX_RANGES
+from gateway.request_counts import OUTCOMES, Granularity
 from gateway.settings import Settings
 from gateway.token_format import ID_LENGTH
 
@@ -137,8 +138,42 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             },
             "required": [*token["required"], "token"],
         },
+        "TokenListed": {
+            **token,
+            "properties": {
+                **token["properties"],
+                "requests_24h": _nullable(
+                    {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "Requests of every outcome in the current UTC hour and the 23 before"
+                        " it; null when the counts cannot be read.",
+                    }
+                ),
+            },
+            "required": [*token["required"], "requests_24h"],
+        },
         "TokenList": _object(
-            {"items": {"type": "array", "items": _ref("Token")}, "next_cursor": _nullable({"type": "string"})}
+            {"items": {"type": "array", "items": _ref("TokenListed")}, "next_cursor": _nullable({"type": "string"})}
+        ),
+        "UsageBucket": _object(
+            {"start": TIMESTAMP, **{outcome.value: {"type": "integer", "minimum": 0} for outcome in OUTCOMES}}
+        ),
+        "TokenUsage": _object(
+            {
+                "token_id": {"type": "string"},
+                "granularity": {"type": "string", "enum": [g.value for g in Granularity]},
+                "bucket_seconds": {"type": "integer", "enum": [g.seconds for g in Granularity]},
+                "from": TIMESTAMP,
+                "to": {**TIMESTAMP, "description": "The end of the current bucket (exclusive)."},
+                "outcomes": {"type": "array", "items": {"type": "string", "enum": [o.value for o in OUTCOMES]}},
+                "totals": _object({outcome.value: {"type": "integer", "minimum": 0} for outcome in OUTCOMES}),
+                "buckets": {
+                    "type": "array",
+                    "items": _ref("UsageBucket"),
+                    "description": "Oldest first, the current bucket last: 168 hours or 90 days, zeros included.",
+                },
+            }
         ),
         "AuditEvent": _object(
             {
@@ -219,7 +254,8 @@ PROBLEMS: dict[str, Schema] = {
         "Too many wrong admin keys from this address (`too_many_failures`); retry after `Retry-After` seconds.",
         header="Retry-After",
     ),
-    "503": _problem("The store is not answering."),
+    "503": _problem("The store is not answering (`store_unavailable`), or the request counts cannot be read"
+                    " (`usage_unavailable`)."),
 }
 
 
@@ -339,6 +375,22 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                 body="TokenRotate",
                 body_required=False,
                 parameters=token_id,
+            )
+        },
+        "/v1/tokens/{token_id}/usage": {
+            "get": _operation(
+                "getTokenUsage",
+                "Requests per hour (last 7 days) or per day (last 90), by outcome",
+                {"200": _json(_ref("TokenUsage"), "The token's request counts.")},
+                "400 401 404 503",
+                parameters=[
+                    *token_id,
+                    _query(
+                        "granularity",
+                        {"type": "string", "enum": [g.value for g in Granularity]},
+                        "hour (the default) or day.",
+                    ),
+                ],
             )
         },
         "/v1/tokens/{token_id}/disable": {"post": change("disableToken", "Disable a token")},

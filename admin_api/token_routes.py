@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from admin_api.admin_auth import admin_key_key
+from admin_api.usage_routes import requests_last_24h
 from admin_api.validation import (
     parse_access_level,
     parse_expires_at,
@@ -128,7 +129,9 @@ async def list_tokens(request: web.Request) -> web.Response:
         )
     except InvalidCursor as error:
         raise bad_request("cursor", f"cursor {error}.", "invalid_parameter") from None
-    return web.json_response({"items": [record.view() for record in records], "next_cursor": next_cursor})
+    recent = await requests_last_24h(core, [record.id for record in records])
+    items = [{**record.view(), "requests_24h": None if recent is None else recent[record.id]} for record in records]
+    return web.json_response({"items": items, "next_cursor": next_cursor})
 
 
 @routes.get("/v1/tokens/{token_id}")

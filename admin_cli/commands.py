@@ -20,6 +20,8 @@ from admin_cli.output import (
     LAST_USED_NOTE,
     TOKEN_COLUMNS,
     TOKEN_FIELDS,
+    USAGE_COLUMNS,
+    USAGE_NOTE,
     print_json,
     print_record,
     print_secret,
@@ -40,6 +42,7 @@ DEFAULT_URL = "http://127.0.0.1:8081"
 NOT_FOUND_CODES = frozenset({"token_not_found", "admin_key_not_found"})
 STATUSES = ("enabled", "disabled")
 ROLES = ("admin", "viewer")
+GRANULARITIES = ("hour", "day")
 
 EXIT_CODES = f"""\
 exit codes:
@@ -205,6 +208,18 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     token_id(leaf(tokens, "enable", _token_status("enable"), "let a disabled token work again"))
     token_id(
         leaf(tokens, "delete", _token_delete, "delete a token for good (the proxy answers 401 invalid_token)")
+    )
+
+    usage = leaf(
+        tokens,
+        "usage",
+        _token_usage,
+        "show a token's requests by outcome: per hour for the last 7 days, or per day for the last 90",
+        USAGE_NOTE,
+    )
+    token_id(usage)
+    usage.add_argument(
+        "--granularity", choices=GRANULARITIES, default="hour", help="hour (the default) or day buckets"
     )
 
     audit = leaf(tokens, "audit", _token_audit, "show the audit log: who did what, when (never a secret)")
@@ -390,6 +405,22 @@ def _token_delete(client: AdminClient, arguments: argparse.Namespace, out: TextI
     client.call("DELETE", _path("v1", "tokens", arguments.id))
     if not arguments.json:
         out.write(f"Deleted token {arguments.id}.\n")
+
+
+def _token_usage(client: AdminClient, arguments: argparse.Namespace, out: TextIO) -> None:
+    _, answer = client.call(
+        "GET", _path("v1", "tokens", arguments.id, "usage"), query={"granularity": arguments.granularity}
+    )
+    if arguments.json:
+        print_json(answer, out)
+        return
+    used = [bucket for bucket in answer["buckets"] if any(bucket[outcome] for outcome in answer["outcomes"])]
+    if used:
+        print_table(used, USAGE_COLUMNS, out)
+    else:
+        out.write(f"No requests from {answer['from']} to {answer['to']}.\n")
+    totals = answer["totals"]
+    out.write("Total: " + ", ".join(f"{outcome} {totals[outcome]}" for outcome in answer["outcomes"]) + "\n")
 
 
 def _token_audit(client: AdminClient, arguments: argparse.Namespace, out: TextIO) -> None:

@@ -18,6 +18,7 @@ TOKEN_COLUMNS = (
     ("IP RANGES", "allowed_ip_ranges"),
     ("EXPIRES", "expires_at"),
     ("LAST USED", "last_used_at"),
+    ("REQUESTS 24H", "requests_24h"),
 )
 TOKEN_FIELDS = (
     "id",
@@ -42,6 +43,18 @@ AUDIT_COLUMNS = (
     ("DETAILS", "details"),
 )
 ADMIN_KEY_COLUMNS = (("ID", "id"), ("NAME", "name"), ("ROLE", "role"), ("CREATED", "created_at"))
+USAGE_COLUMNS = (
+    ("FROM", "start"),
+    ("ALLOWED", "allowed"),
+    ("REFUSED LEVEL", "refused_level"),
+    ("REFUSED IP", "refused_ip"),
+    ("RATE LIMITED", "rate_limited"),
+    ("QUOTA EXCEEDED", "quota_exceeded"),
+)
+USAGE_NOTE = (
+    "Buckets with no request are left out (--json shows them all). Counts are written in batches, every"
+    " usage_flush_interval (5 s by default): a call made just now may not show yet."
+)
 LAST_USED_NOTE = (
     "last_used_at and last_used_ip are written in batches, every usage_flush_interval (5 s by default):"
     " a call made just now may not show yet."

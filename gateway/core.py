@@ -20,6 +20,7 @@ from gateway.client_ip import ClientIpResolver
 from gateway.invalidation import InvalidationListener
 from gateway.metrics import Metrics
 from gateway.redis_tokens import RedisTokens, RedisUsage, connect
+from gateway.request_counts import CountReader
 from gateway.secrets import SecretHasher
 from gateway.settings import Settings
 from gateway.store import SQLiteStore, TokenStore
@@ -52,11 +53,13 @@ class Core:
     client_ips: ClientIpResolver
     changes: TokenChanges
     metrics: Metrics
+    counts: CountReader  # where the admin reads request counts: Redis if proxies share one, else the store
     shared: SharedCache | None = None
     # With PostgreSQL: the store's own change notifications, heard by the proxy plane beside Redis.
     store_listener: StoreNotificationListener | None = None
-    # The wall clock the admin API stamps changes with (creation, rotation grace, expiry checks); a test
-    # sets it to another moment to see grace and expiry end through the proxy without waiting.
+    # The wall clock the admin API stamps changes with (creation, rotation grace, expiry checks), and the proxy
+    # counts requests by (their hour); a test sets it to another moment to see grace and expiry end through
+    # the proxy without waiting, or requests fall either side of an hour.
     clock: Callable[[], datetime] = utc_now
 
 
@@ -122,10 +125,11 @@ def _assemble(
             store=store,
             hasher=hasher,
             tokens=tokens,
-            usage=UsageRecorder(store, interval=settings.usage_flush_interval),
+            usage=UsageRecorder(store, interval=settings.usage_flush_interval, clock=clock),
             client_ips=client_ips,
             changes=LocalTokenChanges(tokens),
             metrics=metrics,
+            counts=store,
             clock=clock,
         )
     shared_tokens = RedisTokens(
@@ -142,10 +146,11 @@ def _assemble(
         store=store,
         hasher=hasher,
         tokens=tokens,
-        usage=UsageRecorder(usage, interval=settings.usage_flush_interval, outage=shared_tokens.outage),
+        usage=UsageRecorder(usage, interval=settings.usage_flush_interval, outage=shared_tokens.outage, clock=clock),
         client_ips=client_ips,
         changes=changes,
         metrics=metrics,
+        counts=usage,
         shared=SharedCache(
             client=client,
             tokens=shared_tokens,

@@ -73,7 +73,11 @@ class ForwardAuthHandler:
         request.client = None if caller.client_ip is None else caller.client_ip.text  # for the access log
         token = await decider.token(caller)
         request.token_id = token.record.id
-        decider.judge(token, method, target, caller.client_ip, body=method == "POST", canonical_only=True)
+        try:
+            decider.judge(token, method, target, caller.client_ip, body=method == "POST", canonical_only=True)
+        except GatewayError as refusal:
+            self._usage.refused(token.record.id, refusal.code)
+            raise
         self._usage.record(token.record.id, caller.client_ip)
         request.respond(200, b"OK", _ALLOWED_HEAD + gateway_headers(token.record.id, token.record.access_level), b"")
 

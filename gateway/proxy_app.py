@@ -40,6 +40,7 @@ from gateway.http_server import (
     http_metrics_key,
 )
 from gateway.problems import GatewayError
+from gateway.request_counts import Outcome
 from gateway.token_cache import CachedToken
 from gateway.tunnel import Tunnel, TunnelRegistry
 
@@ -84,7 +85,11 @@ class ProxyHandler:
         ):
             # Entries are replaced, never changed, when a token changes: the same entry, method and target get
             # the same answer (the entry's own checks, enabled and expiry, ran above).
-            verdict = decider.judge(token, request.method, target, caller.client_ip, body=False)
+            try:
+                verdict = decider.judge(token, request.method, target, caller.client_ip, body=False)
+            except GatewayError as refusal:
+                self._usage.refused(token_id, refusal.code)
+                raise
             head = seen.upstream_head + gateway_headers(token_id, token.record.access_level)
             upstream_target = self._forwarder.upstream_target(verdict.target)
             decision = seen.decision = _Decision(
@@ -93,6 +98,7 @@ class ProxyHandler:
         if request.content_length is not None and request.content_length > decision.max_body:
             raise body_too_large(decision.max_body)
         if request.body is not None and not decision.body_allowed:
+            self._usage.count(token_id, Outcome.REFUSED_LEVEL)
             raise body_method_refused(token)
         self._usage.record(token_id, caller.client_ip)
         if request.upgrade == b"websocket" and request.method == "GET" and self._tunnels is not None:

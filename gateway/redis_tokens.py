@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import cast
 
@@ -21,6 +21,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.outage import OutageLog
+from gateway.request_counts import DAY, Counts, Granularity, Outcome, parse_outcome
 from gateway.store.base import TokenStore
 from gateway.tokens import TokenRecord, record_from_json, record_to_json
 
@@ -86,6 +87,13 @@ class RedisKeys:
 
     def token(self, token_id: str) -> str:
         return f"{self.prefix}token:{token_id}"
+
+    def counts(self, token_id: str, granularity: Granularity, bucket: int) -> str:
+        """The hash holding a bucket's counts: an hour's in its UTC day's hash (`...:2026-12-02`, fields
+        `13:allowed`), a day's in its UTC month's (`...:2026-12`, fields `02:allowed`)."""
+        moment = datetime.fromtimestamp(bucket, UTC)
+        period = moment.strftime("%Y-%m-%d" if granularity is Granularity.HOUR else "%Y-%m")
+        return f"{self.prefix}usage:{granularity.value}:{token_id}:{period}"
 
 
 class RedisTokens:
@@ -187,7 +195,8 @@ class RedisUsage:
 
     def __init__(self, client: redis.Redis, *, key_prefix: str = "gateway:") -> None:
         self._client = client
-        self._key = RedisKeys(key_prefix).usage
+        self._keys = RedisKeys(key_prefix)
+        self._key = self._keys.usage
         self._merge = client.register_script(_MERGE_USAGE)
         self._take = client.register_script(_TAKE_USAGE)
 
@@ -198,6 +207,54 @@ class RedisUsage:
         if args:
             await self._merge(keys=[self._key], args=args)
 
+    async def record_counts(self, counts: Counts, *, now: float) -> None:
+        """HINCRBY each count into its period's hash, in one pipeline; each hash expires once its last bucket
+        is older than it is kept (8 days after its day ends, 91 after its month ends)."""
+        if not counts:
+            return
+        expiry: dict[str, int] = {}
+        async with self._client.pipeline(transaction=False) as pipe:
+            for (token_id, granularity, bucket, outcome), count in counts.items():
+                key = self._keys.counts(token_id, granularity, bucket)
+                pipe.hincrby(key, _count_field(granularity, bucket, outcome), count)
+                expiry[key] = max(expiry.get(key, 0), _period_end(granularity, bucket) + granularity.kept)
+            for key, until in expiry.items():
+                pipe.expire(key, max(60, int(until - now)))
+            await pipe.execute()
+
+    async def read_counts(self, token_id: str, granularity: Granularity, since: int) -> dict[tuple[int, Outcome], int]:
+        keys = sorted({self._keys.counts(token_id, granularity, bucket) for bucket in _buckets(granularity, since)})
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            hashes = await pipe.execute()
+        counts: dict[tuple[int, Outcome], int] = {}
+        for key, fields in zip(keys, hashes, strict=True):
+            period = key.rsplit(":", 1)[1]
+            for field, value in fields.items():
+                parsed = _parse_count_field(granularity, period, field.decode())
+                if parsed is not None and parsed[0] >= since:
+                    counts[parsed] = counts.get(parsed, 0) + int(value)
+        return counts
+
+    async def requests_since(self, token_ids: Sequence[str], since: int) -> dict[str, int]:
+        buckets = range(since, since + DAY, Granularity.HOUR.seconds)
+        asked: list[tuple[str, str]] = []
+        async with self._client.pipeline(transaction=False) as pipe:
+            for token_id in token_ids:
+                for key in sorted({self._keys.counts(token_id, Granularity.HOUR, b) for b in buckets}):
+                    asked.append((token_id, key))
+                    pipe.hgetall(key)
+            hashes = await pipe.execute()
+        totals = dict.fromkeys(token_ids, 0)
+        for (token_id, key), fields in zip(asked, hashes, strict=True):
+            period = key.rsplit(":", 1)[1]
+            for field, value in fields.items():
+                parsed = _parse_count_field(Granularity.HOUR, period, field.decode())
+                if parsed is not None and parsed[0] >= since:
+                    totals[token_id] += int(value)
+        return totals
+
     async def take(self) -> dict[str, tuple[datetime, str]]:
         flat = await self._take(keys=[self._key])
         usage: dict[str, tuple[datetime, str]] = {}
@@ -205,3 +262,34 @@ class RedisUsage:
             at, _, ip = value.decode().partition("|")
             usage[token_id.decode()] = (datetime.fromtimestamp(float(at), UTC), ip)
         return usage
+
+
+def _count_field(granularity: Granularity, bucket: int, outcome: Outcome) -> str:
+    moment = datetime.fromtimestamp(bucket, UTC)
+    return f"{moment.hour if granularity is Granularity.HOUR else moment.day:02d}:{outcome.value}"
+
+
+def _parse_count_field(granularity: Granularity, period: str, field: str) -> tuple[int, Outcome] | None:
+    number, _, name = field.partition(":")
+    outcome = parse_outcome(name)
+    if outcome is None or not number.isdigit():
+        return None
+    if granularity is Granularity.HOUR:
+        start = datetime.strptime(period, "%Y-%m-%d").replace(tzinfo=UTC, hour=int(number))
+    else:
+        start = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC, day=int(number))
+    return int(start.timestamp()), outcome
+
+
+def _period_end(granularity: Granularity, bucket: int) -> int:
+    """When the hash holding this bucket stops receiving counts: the end of its day, or of its month."""
+    if granularity is Granularity.HOUR:
+        return bucket - bucket % DAY + DAY
+    moment = datetime.fromtimestamp(bucket, UTC)
+    next_month = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
+    return int(next_month.timestamp())
+
+
+def _buckets(granularity: Granularity, since: int) -> range:
+    """Every bucket start from `since` to the end of the window shown (its keys are read)."""
+    return range(since, since + granularity.shown * granularity.seconds, granularity.seconds)

@@ -1,18 +1,21 @@
-"""Last-used time and address, recorded in memory on the hot path and written to the store in batches."""
+"""Last-used time and address, and requests counted by outcome (request_counts.py), recorded in memory on the
+hot path and written in batches: no store or Redis round trip per request."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Protocol
 
 from gateway.background import raise_if_cancelling
 from gateway.client_ip import ClientAddress
 from gateway.outage import OutageLog
+from gateway.request_counts import HOUR, OUTCOME_OF_CODE, Counts, Outcome, roll_up
 from gateway.store.base import TokenStore
+from gateway.tokens import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -20,21 +23,55 @@ log = logging.getLogger(__name__)
 class UsageSink(Protocol):
     async def record_usage(self, usage: Mapping[str, tuple[datetime, str]]) -> None: ...
 
+    async def record_counts(self, counts: Counts, *, now: float) -> None:
+        """Add these counts; forget buckets older than they are kept (`now` by the recorder's clock)."""
+        ...
+
 
 class UsageRecorder:
-    """Writes to the store in one process, or merges into Redis when several proxies share it."""
+    """Writes to the store in one process, or merges into Redis when several proxies share it.
 
-    def __init__(self, sink: UsageSink, *, interval: float = 5.0, outage: OutageLog | None = None) -> None:
+    `clock` places requests in their hour (a test moves it across a boundary); by default the system time."""
+
+    def __init__(
+        self,
+        sink: UsageSink,
+        *,
+        interval: float = 5.0,
+        outage: OutageLog | None = None,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
         self._store = sink
         self._interval = interval
         self._outage = outage or OutageLog(log, "the store")
         self._pending: dict[str, tuple[float, ClientAddress | None]] = {}
+        self._counts: dict[tuple[int, str, Outcome], int] = {}
+        self._now: Callable[[], float] = time.time if clock is utc_now else lambda: clock().timestamp()
         self.flushes = 0
 
     def record(self, token_id: str, client_ip: ClientAddress | None) -> None:
-        self._pending[token_id] = (time.time(), client_ip)
+        """A request allowed: the token's last use, and one more `allowed` in this hour."""
+        now = self._now()
+        self._pending[token_id] = (now, client_ip)
+        key = (int(now // HOUR) * HOUR, token_id, Outcome.ALLOWED)
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
+
+    def count(self, token_id: str, outcome: Outcome) -> None:
+        """One request of this token with this outcome, in the current hour (rate limits call this for
+        `rate_limited` and `quota_exceeded`; `record` counts `allowed`)."""
+        key = (int(self._now() // HOUR) * HOUR, token_id, outcome)
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
+
+    def refused(self, token_id: str, code: str) -> None:
+        """A request of a known token refused with this problem code: counted if it is an outcome."""
+        outcome = OUTCOME_OF_CODE.get(code)
+        if outcome is not None:
+            self.count(token_id, outcome)
 
     async def flush(self) -> None:
+        await self._flush_counts()
         if not self._pending:
             return
         batch, self._pending = self._pending, {}
@@ -51,6 +88,20 @@ class UsageRecorder:
             self._outage.failed(error, f"last-used times wait in memory, written again every {self._interval:g}s")
             for token_id, value in batch.items():
                 self._pending.setdefault(token_id, value)
+
+    async def _flush_counts(self) -> None:
+        if not self._counts:
+            return
+        batch, self._counts = self._counts, {}
+        try:
+            await self._store.record_counts(roll_up(batch), now=self._now())
+            if self._outage.down:
+                self._outage.recovered()
+        except Exception as error:
+            self._outage.failed(error, f"request counts wait in memory, written again every {self._interval:g}s")
+            counts = self._counts
+            for key, count in batch.items():
+                counts[key] = counts.get(key, 0) + count
 
     async def run(self) -> None:
         """Flush every `interval` seconds until cancelled, then once more."""

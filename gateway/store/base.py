@@ -11,10 +11,11 @@ never race on it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
+from gateway.request_counts import Counts, Granularity, Outcome
 from gateway.tokens import AdminKeyRecord, AuditEvent, TokenRecord, TokenStatus
 
 TokenChange = Callable[[TokenRecord], tuple[TokenRecord, AuditEvent]]
@@ -103,6 +104,16 @@ class TokenStore(Protocol):
     async def record_usage(self, usage: Mapping[str, tuple[datetime, str]]) -> None:
         """Write last-used times and addresses in one batch, never moving a time backwards."""
         ...
+
+    async def record_counts(self, counts: Counts, *, now: float) -> None:
+        """Add request counts (request_counts.py) in one batch, and delete buckets older than they are kept."""
+        ...
+
+    async def read_counts(
+        self, token_id: str, granularity: Granularity, since: int
+    ) -> dict[tuple[int, Outcome], int]: ...
+
+    async def requests_since(self, token_ids: Sequence[str], since: int) -> dict[str, int]: ...
 
     async def list_audit(
         self, *, token_id: str | None = None, limit: int = 100, cursor: str | None = None

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from gateway.background import raise_if_cancelling
+from gateway.request_counts import Counts, Granularity, Outcome, parse_outcome, sum_by_token
 from gateway.settings import Secret, redact_url
 from gateway.store.base import (
     AdminKeyNotFound,
@@ -81,6 +82,32 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE token_changes (
             seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
             token_id TEXT NOT NULL
+        )""",
+    ),
+    (
+        """CREATE TABLE request_counts (
+            token_id TEXT NOT NULL,
+            bucket_start BIGINT NOT NULL,
+            granularity TEXT NOT NULL CHECK (granularity IN ('hour', 'day')),
+            outcome TEXT NOT NULL,
+            count BIGINT NOT NULL,
+            PRIMARY KEY (token_id, granularity, bucket_start, outcome)
+        )""",
+        "CREATE INDEX request_counts_age ON request_counts (granularity, bucket_start)",
+        """CREATE TABLE previous_secret_uses (
+            token_id TEXT NOT NULL,
+            rotated_at TIMESTAMPTZ NOT NULL,
+            uses BIGINT NOT NULL,
+            last_used_at TIMESTAMPTZ NOT NULL,
+            last_used_ip TEXT NOT NULL,
+            PRIMARY KEY (token_id, rotated_at)
+        )""",
+        """CREATE TABLE token_addresses (
+            token_id TEXT NOT NULL,
+            address TEXT NOT NULL,
+            uses BIGINT NOT NULL,
+            last_used_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (token_id, address)
         )""",
     ),
 )
@@ -389,6 +416,55 @@ class PostgresStore:
                 " WHERE id = $3 AND (last_used_at IS NULL OR last_used_at < $1)",
                 rows,
             )
+
+    async def record_counts(self, counts: Counts, *, now: float) -> None:
+        if not counts:
+            return
+        rows = sorted(  # one lock order for every writer
+            (token_id, bucket, granularity.value, outcome.value, count)
+            for (token_id, granularity, bucket, outcome), count in counts.items()
+        )
+        async with self._transaction() as connection:
+            await connection.executemany(
+                "INSERT INTO request_counts (token_id, bucket_start, granularity, outcome, count)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (token_id, granularity, bucket_start, outcome)"
+                " DO UPDATE SET count = request_counts.count + excluded.count",
+                rows,
+            )
+            for granularity in Granularity:
+                await connection.execute(
+                    "DELETE FROM request_counts WHERE granularity = $1 AND bucket_start < $2",
+                    granularity.value,
+                    int(now) - granularity.kept,
+                )
+
+    async def read_counts(self, token_id: str, granularity: Granularity, since: int) -> dict[tuple[int, Outcome], int]:
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                "SELECT bucket_start, outcome, count FROM request_counts"
+                " WHERE token_id = $1 AND granularity = $2 AND bucket_start >= $3",
+                token_id,
+                granularity.value,
+                since,
+            )
+        counts: dict[tuple[int, Outcome], int] = {}
+        for row in rows:
+            outcome = parse_outcome(row["outcome"])
+            if outcome is not None:
+                counts[row["bucket_start"], outcome] = row["count"]
+        return counts
+
+    async def requests_since(self, token_ids: Sequence[str], since: int) -> dict[str, int]:
+        if not token_ids:
+            return {}
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                "SELECT token_id, SUM(count) AS total FROM request_counts WHERE granularity = 'hour'"
+                " AND bucket_start >= $1 AND token_id = ANY($2::text[]) GROUP BY token_id",
+                since,
+                list(token_ids),
+            )
+        return {**dict.fromkeys(token_ids, 0), **sum_by_token((row["token_id"], int(row["total"])) for row in rows)}
 
     async def _note_change(self, connection: asyncpg.Connection, token_id: str) -> None:
         await connection.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, token_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +24,7 @@ from gateway.store.base import (
     TokenChange,
     TokenNotFound,
 )
+from gateway.request_counts import Counts, Granularity, Outcome, parse_outcome, sum_by_token
 from gateway.store.cursors import decode_cursor, encode_cursor
 from gateway.tokens import (
     AdminKeyRecord,
@@ -81,6 +82,32 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE token_changes (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
             token_id TEXT NOT NULL
+        )""",
+    ),
+    (
+        """CREATE TABLE request_counts (
+            token_id TEXT NOT NULL,
+            bucket_start INTEGER NOT NULL,
+            granularity TEXT NOT NULL CHECK (granularity IN ('hour', 'day')),
+            outcome TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            PRIMARY KEY (token_id, granularity, bucket_start, outcome)
+        )""",
+        "CREATE INDEX request_counts_age ON request_counts (granularity, bucket_start)",
+        """CREATE TABLE previous_secret_uses (
+            token_id TEXT NOT NULL,
+            rotated_at TEXT NOT NULL,
+            uses INTEGER NOT NULL,
+            last_used_at TEXT NOT NULL,
+            last_used_ip TEXT NOT NULL,
+            PRIMARY KEY (token_id, rotated_at)
+        )""",
+        """CREATE TABLE token_addresses (
+            token_id TEXT NOT NULL,
+            address TEXT NOT NULL,
+            uses INTEGER NOT NULL,
+            last_used_at TEXT NOT NULL,
+            PRIMARY KEY (token_id, address)
         )""",
     ),
 )
@@ -338,6 +365,61 @@ class SQLiteStore:
 
         if rows:
             await self._run(write)
+
+    async def record_counts(self, counts: Counts, *, now: float) -> None:
+        rows = [
+            (token_id, bucket, granularity.value, outcome.value, count)
+            for (token_id, granularity, bucket, outcome), count in counts.items()
+        ]
+
+        def write(connection: sqlite3.Connection) -> None:
+            with _transaction(connection):
+                connection.executemany(
+                    "INSERT INTO request_counts (token_id, bucket_start, granularity, outcome, count)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (token_id, granularity, bucket_start, outcome)"
+                    " DO UPDATE SET count = count + excluded.count",
+                    rows,
+                )
+                for granularity in Granularity:
+                    connection.execute(
+                        "DELETE FROM request_counts WHERE granularity = ? AND bucket_start < ?",
+                        (granularity.value, int(now) - granularity.kept),
+                    )
+
+        if rows:
+            await self._run(write)
+
+    async def read_counts(self, token_id: str, granularity: Granularity, since: int) -> dict[tuple[int, Outcome], int]:
+        def query(connection: sqlite3.Connection) -> list[sqlite3.Row]:
+            return connection.execute(
+                "SELECT bucket_start, outcome, count FROM request_counts"
+                " WHERE token_id = ? AND granularity = ? AND bucket_start >= ?",
+                (token_id, granularity.value, since),
+            ).fetchall()
+
+        counts: dict[tuple[int, Outcome], int] = {}
+        for row in await self._run(query):
+            outcome = parse_outcome(row["outcome"])
+            if outcome is not None:
+                counts[row["bucket_start"], outcome] = row["count"]
+        return counts
+
+    async def requests_since(self, token_ids: Sequence[str], since: int) -> dict[str, int]:
+        if not token_ids:
+            return {}
+        marks = ", ".join("?" * len(token_ids))
+
+        def query(connection: sqlite3.Connection) -> list[tuple[str, int]]:
+            return [
+                (row[0], row[1])
+                for row in connection.execute(
+                    "SELECT token_id, SUM(count) FROM request_counts WHERE granularity = 'hour'"
+                    f" AND bucket_start >= ? AND token_id IN ({marks}) GROUP BY token_id",
+                    (since, *token_ids),
+                )
+            ]
+
+        return {**dict.fromkeys(token_ids, 0), **sum_by_token(await self._run(query))}
 
     def _note_change(self, connection: sqlite3.Connection, token_id: str) -> None:
         if self.record_changes:

@@ -82,6 +82,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{admin}",
             GATEWAY_ARGON2_TIME_COST="1",
             GATEWAY_ARGON2_MEMORY_COST_KIB="1024",
+            GATEWAY_USAGE_FLUSH_INTERVAL="0.1",
         ),
         stdout=log,
         stderr=log,
@@ -187,6 +188,34 @@ def test_create_json_is_the_admin_apis_answer_with_the_token(gateway: Gateway) -
     assert {k: v for k, v in shown.items() if k not in usage} == {
         k: v for k, v in created.items() if k not in usage
     }
+
+
+def test_usage_shows_the_requests_by_outcome(gateway: Gateway) -> None:
+    created = _create(gateway, "usage report")
+    for _ in range(3):
+        assert gateway.proxy(created["token"]) == (200, None)
+    answer: dict[str, Any] = {}
+    for _ in range(600):  # bounded: the proxy writes counts every usage_flush_interval (0.1 s here)
+        answer = cli(gateway, "tokens", "usage", created["id"], "--granularity", "day", "--json").json()
+        if answer["totals"]["allowed"] == 3:
+            break
+        time.sleep(0.05)
+    assert answer["granularity"] == "day" and len(answer["buckets"]) == 90
+    assert answer["totals"] == {
+        "allowed": 3, "refused_level": 0, "refused_ip": 0, "rate_limited": 0, "quota_exceeded": 0
+    }
+
+    table = cli(gateway, "tokens", "usage", created["id"])
+    assert table.code == OK, table.err
+    lines = table.out.splitlines()
+    assert lines[0].split()[:2] == ["FROM", "ALLOWED"] and len(lines) == 3  # header, one hour, total
+    assert lines[1].split()[1:] == ["3", "0", "0", "0", "0"]
+    assert lines[2] == "Total: allowed 3, refused_level 0, refused_ip 0, rate_limited 0, quota_exceeded 0"
+    listed = cli(gateway, "tokens", "list", "--json").json()["items"]
+    assert [item["requests_24h"] for item in listed if item["id"] == created["id"]] == [3]
+
+    assert cli(gateway, "tokens", "usage", created["id"], "--granularity", "minute").code == USAGE
+    assert cli(gateway, "tokens", "usage", "AAAAAAAAAAAAAAAAAAAAAA").code == NOT_FOUND
 
 
 def test_list_filters_by_status_and_unused_since_and_pages(gateway: Gateway) -> None:
@@ -374,7 +403,7 @@ def test_help_of_every_admin_command_describes_each_flag_and_its_variable() -> N
     found = dict(leaves(build_parser(), ()))
     assert set(found) == {
         ("tokens", name)
-        for name in ("create", "list", "show", "edit", "rotate", "disable", "enable", "delete", "audit")
+        for name in ("create", "list", "show", "edit", "rotate", "disable", "enable", "delete", "usage", "audit")
     } | {("admin-keys", name) for name in ("create", "list", "delete", "whoami")}
     for path, parser in found.items():
         text = parser.format_help()
