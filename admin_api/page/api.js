@@ -83,6 +83,8 @@ export const api = {
   disableToken: (id) => request("POST", `/v1/tokens/${encodeURIComponent(id)}/disable`),
   enableToken: (id) => request("POST", `/v1/tokens/${encodeURIComponent(id)}/enable`),
   deleteToken: (id) => request("DELETE", `/v1/tokens/${encodeURIComponent(id)}`),
+  tokenUsage: (id, granularity) =>
+    request("GET", `/v1/tokens/${encodeURIComponent(id)}/usage`, { query: { granularity } }),
   listAudit: (query) => request("GET", "/v1/audit", { query }),
   listAdminKeys: () => request("GET", "/v1/admin-keys"),
 };

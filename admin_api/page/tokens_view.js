@@ -9,6 +9,7 @@ import {
 import { actionMenu } from "./menu.js";
 import { openTokenForm, showToken } from "./token_form.js";
 import { toast } from "./toast.js";
+import { openUsage } from "./usage_view.js";
 
 const PAGE_SIZE = 100;
 const MAX_RANGES_SHOWN = 3;
@@ -43,6 +44,7 @@ setUpDialog(confirmParts.dialog);
 
 const state = { items: [], cursor: null, canChange: false, filters: {}, generation: 0 };
 const actionButtons = new Map(); // token id -> its Actions button in the current table
+const usageButtons = new Map(); // token id -> its requests button (opens the usage chart)
 export const knownNames = new Map(); // token id -> name, for the audit log
 
 function filters() {
@@ -142,6 +144,19 @@ function lastUsedCell(token) {
   return parts;
 }
 
+function requestsCell(token) {
+  if (token.requests_24h === null || token.requests_24h === undefined) {
+    return [text("span", "muted", "unknown")];
+  }
+  const button = text("button", "link-button", token.requests_24h.toLocaleString("en"));
+  button.type = "button";
+  button.setAttribute("aria-label", `Usage of ${token.name}: ${plural(token.requests_24h, "request")} in the last 24 hours`);
+  button.title = "Show the usage chart";
+  button.addEventListener("click", () => openUsage(token, () => usageButtons.get(token.id)));
+  usageButtons.set(token.id, button);
+  return [button];
+}
+
 function expiresCell(token) {
   if (!token.expires_at) return [text("span", "muted", "never")];
   const element = timeElement(token.expires_at, shortDate(token.expires_at));
@@ -180,6 +195,7 @@ function row(token) {
     cell("Status", ...statusCell(token)),
     cell("Created", timeElement(token.created_at, shortDate(token.created_at))),
     cell("Last used", ...lastUsedCell(token)),
+    cell("Requests (24 h)", ...requestsCell(token)),
     cell("Expires", ...expiresCell(token)),
   );
   if (state.canChange) {
@@ -194,6 +210,7 @@ function row(token) {
 
 function render() {
   actionButtons.clear();
+  usageButtons.clear();
   view.body.replaceChildren(...state.items.map(row));
   for (const token of state.items) knownNames.set(token.id, token.name);
   const filtered = Boolean(state.filters.status || state.filters.unused_since);

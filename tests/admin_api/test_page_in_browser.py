@@ -29,7 +29,7 @@ from playwright.async_api import (
 
 from admin_api.page_routes import CONTENT_SECURITY_POLICY
 from tests.admin_api.conftest import rfc3339, token_view
-from tests.conftest import ADMIN_KEY, Gateway, eventually
+from tests.conftest import ADMIN_KEY, Gateway, GatewayFactory, SettableClock, eventually
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -453,3 +453,68 @@ async def test_viewer_sees_tokens_but_no_action_menus(gateway: Gateway, browser:
         "Admin key created"
     )
     tab.assert_quiet_and_local(ADMIN_KEY, created["key"])
+
+
+async def test_usage_chart_and_the_24_hour_column_show_the_counted_requests(
+    start_gateway: GatewayFactory, browser: Browser, tmp_path: Path
+) -> None:
+    """Requests spread over the week by the gateway's clock: the list shows the last 24 hours' count, and the
+    chart one bar per hour (168) or per day (90), each bar as tall as its count."""
+    clock = SettableClock()
+    now = clock.now
+    gateway = await start_gateway(clock=clock)
+    token = await gateway.create_token(name="CRM sync", access_level="read_only")
+    idle = await gateway.create_token(name="Nightly export")
+    sent = 0
+    for hours_ago in range(0, 7 * 24, 5):
+        clock.now = now - timedelta(hours=hours_ago)
+        for _ in range(1 + hours_ago % 4):
+            assert (await gateway.call(token["token"])).status == 200
+            sent += 1
+        if hours_ago % 15 == 0:
+            assert (await gateway.call(token["token"], method="DELETE")).status == 403
+            sent += 1
+    clock.now = now
+    await gateway.core.usage.flush()
+    last_day = (await gateway.admin_call("GET", "/v1/tokens"))[1]["items"]
+    in_24h = {item["name"]: item["requests_24h"] for item in last_day}
+    assert in_24h == {"CRM sync": 1 + 1 + 2 + 3 + 4 + 1 + 1, "Nightly export": 0}  # 0, 5, 10, 15, 20 h ago
+
+    tab = await open_tab(browser, gateway)
+    page = tab.page
+    await sign_in(tab, ADMIN_KEY)
+    await expect(page.get_by_role("columnheader", name="Requests (24 h)")).to_be_visible()
+    await expect(tab.token_row("Nightly export")).to_contain_text("0")
+    usage_button = tab.token_row("CRM sync").get_by_role(
+        "button", name="Usage of CRM sync: 13 requests in the last 24 hours"
+    )
+    await usage_button.click()
+
+    dialog = page.get_by_role("dialog", name="Usage of “CRM sync”")
+    await expect(dialog).to_be_visible()
+    chart = dialog.get_by_role("img")
+    await expect(chart).to_have_accessible_name(re.compile(rf"^{sent} requests in the last 7 days, per hour"))
+    bars = dialog.locator(".usage-bar")
+    await expect(bars).to_have_count(168)
+    totals = [int(value) for value in await bars.evaluate_all("bars => bars.map(b => b.dataset.total)")]
+    assert totals[-1] == 2 and totals[-2:-5:-1] == [0, 0, 0] and totals[-6] == 2 and totals[-16] == 5
+    assert sum(totals) == sent
+    # Bar heights follow the counts: the busiest hour's bar is the tallest, an empty hour has none.
+    heights = await bars.evaluate_all(
+        "bars => bars.map(b => [...b.querySelectorAll('rect')].reduce((s, r) => s + r.height.baseVal.value, 0))"
+    )
+    assert heights[totals.index(max(totals))] == max(heights) and heights[-2] == 0
+    assert await bars.last.locator("rect.usage-refused_level").count() == 1
+    await expect(dialog).to_contain_text("Allowed: ")
+    await expect(dialog).to_contain_text(f"Refused: access level: {sum(1 for h in range(0, 168, 5) if h % 15 == 0)}")
+    images = DOCS_IMAGES if os.environ.get("UPDATE_DOCS_IMAGES") == "1" else tmp_path
+    await dialog.screenshot(path=images / "usage-chart.png")
+
+    await dialog.get_by_role("button", name="Last 90 days, per day").click()
+    await expect(chart).to_have_accessible_name(re.compile(rf"^{sent} requests in the last 90 days, per day"))
+    await expect(bars).to_have_count(90)
+    daily = [int(value) for value in await bars.evaluate_all("bars => bars.map(b => b.dataset.total)")]
+    assert sum(daily) == sent and daily[:82] == [0] * 82
+    await dialog.get_by_role("button", name="Close").click()
+    await expect(usage_button).to_be_focused()
+    tab.assert_quiet_and_local(ADMIN_KEY, token["token"])
