@@ -92,7 +92,22 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "minimum": 1,
                 "description": "Grows by one with every change; send it back in an edit to refuse a stale one.",
             },
-        }
+            "previous_secret": {
+                **_object(
+                    {
+                        "last_used_at": _nullable(TIMESTAMP),
+                        "last_used_ip": _nullable({"type": "string"}),
+                        "uses": {"type": "integer", "minimum": 0},
+                    }
+                ),
+                "description": "Only in reads (list, show) while a rotation's grace runs: how the previous"
+                " secret was used since the rotation, written in batches like last_used_at.",
+            },
+        },
+        required=(
+            "id", "name", "access_level", "allowed_ip_ranges", "status", "expires_at", "created_at",
+            "updated_at", "rotated_at", "last_used_at", "last_used_ip", "previous_secret_expires_at", "version",
+        ),
     )
     edit_fields: dict[str, Schema] = {
         **token_fields,
@@ -247,7 +262,7 @@ PROBLEMS: dict[str, Schema] = {
     "404": _problem("There is no such token or admin key."),
     "409": _problem(
         "The last key with the admin role cannot be deleted (`last_admin_key`); or the token changed since the"
-        " version an edit was made from (`conflict`)."
+        " version an edit was made from (`conflict`); or there is no grace period to end (`no_grace`)."
     ),
     "413": _problem("The body is larger than the admin API accepts."),
     "429": _problem(
@@ -391,6 +406,17 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                         "hour (the default) or day.",
                     ),
                 ],
+            )
+        },
+        "/v1/tokens/{token_id}/end-grace": {
+            "post": _operation(
+                "endTokenGrace",
+                "End a rotation's grace period now: the previous secret stops working",
+                {"200": token},
+                "400 401 403 404 409 413",
+                body="Empty",
+                body_required=False,
+                parameters=token_id,
             )
         },
         "/v1/tokens/{token_id}/disable": {"post": change("disableToken", "Disable a token")},

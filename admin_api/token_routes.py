@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from admin_api.admin_auth import admin_key_key
-from admin_api.usage_routes import requests_last_24h
+from admin_api.usage_routes import in_grace, previous_secret_view, usage_views
 from admin_api.validation import (
     parse_access_level,
     parse_expires_at,
@@ -129,18 +129,21 @@ async def list_tokens(request: web.Request) -> web.Response:
         )
     except InvalidCursor as error:
         raise bad_request("cursor", f"cursor {error}.", "invalid_parameter") from None
-    recent = await requests_last_24h(core, [record.id for record in records])
-    items = [{**record.view(), "requests_24h": None if recent is None else recent[record.id]} for record in records]
-    return web.json_response({"items": items, "next_cursor": next_cursor})
+    return web.json_response({"items": await usage_views(core, records), "next_cursor": next_cursor})
 
 
 @routes.get("/v1/tokens/{token_id}")
 async def get_token(request: web.Request) -> web.Response:
     token_id = _token_id(request)
-    record = await request.app[core_key].store.get_token(token_id)
+    core = request.app[core_key]
+    record = await core.store.get_token(token_id)
     if record is None:
         raise _not_found(token_id)
-    return web.json_response(record.view())
+    view = record.view()
+    previous = await previous_secret_view(core, record)
+    if previous is not None:
+        view["previous_secret"] = previous
+    return web.json_response(view)
 
 
 async def _change(request: web.Request, change: Any) -> TokenRecord:
@@ -231,6 +234,32 @@ async def rotate_token(request: web.Request) -> web.Response:
 
     record = await _change(request, rotate)
     return web.json_response({**record.view(), "token": str(token)}, headers={"Cache-Control": "no-store"})
+
+
+@routes.post("/v1/tokens/{token_id}/end-grace")
+async def end_grace(request: web.Request) -> web.Response:
+    """Stop accepting the previous secret now, once every integration uses the new one."""
+    core = request.app[core_key]
+    await read_json_object(request, ())
+
+    def end(current: TokenRecord) -> tuple[TokenRecord, AuditEvent]:
+        now = core.clock()
+        if not in_grace(current, now):
+            raise GatewayError(
+                409, "no_grace", "The token has no grace period running: only its current secret is accepted."
+            )
+        changed = dataclasses.replace(
+            current,
+            previous_secret_hash=None,
+            previous_secret_expires_at=None,
+            updated_at=now,
+            version=current.version + 1,
+        )
+        was = format_time(current.previous_secret_expires_at)
+        return changed, _event(request, "token.end_grace", current.id, previous_secret_expires_at=was)
+
+    record = await _change(request, end)
+    return web.json_response(record.view())
 
 
 def _set_status(status: TokenStatus, action: str) -> Any:

@@ -6,6 +6,8 @@ Counts are read from where the proxies write them: Redis when they share one, el
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -15,6 +17,7 @@ from gateway.core import Core, core_key
 from gateway.problems import GatewayError, bad_request
 from gateway.request_counts import Granularity, first_shown, last_24h_start, usage_answer
 from gateway.token_format import ID_PATTERN
+from gateway.tokens import TokenRecord, format_time
 
 routes = web.RouteTableDef()
 
@@ -41,6 +44,40 @@ async def requests_last_24h(core: Core, token_ids: Sequence[str]) -> dict[str, i
         return await core.counts.requests_since(token_ids, last_24h_start(core.clock().timestamp()))
     except (RedisError, OSError):
         return None
+
+
+def in_grace(record: TokenRecord, now: datetime) -> bool:
+    expires = record.previous_secret_expires_at
+    return record.previous_secret_hash is not None and expires is not None and now < expires
+
+
+async def previous_secret_view(core: Core, record: TokenRecord) -> dict[str, Any] | None:
+    """While a rotation's grace runs: how the previous secret was used since (never the secret). None when
+    there is no grace, or the uses cannot be read."""
+    if record.rotated_at is None or not in_grace(record, core.clock()):
+        return None
+    try:
+        use = await core.counts.previous_secret_use(record.id, record.rotated_at)
+    except (RedisError, OSError):
+        return None
+    if use is None:
+        return {"last_used_at": None, "last_used_ip": None, "uses": 0}
+    uses, at, ip = use
+    return {"last_used_at": format_time(at), "last_used_ip": ip or None, "uses": uses}
+
+
+async def usage_views(core: Core, records: Sequence[TokenRecord]) -> list[dict[str, Any]]:
+    """The listed tokens' views with their requests in the last 24 hours, and their previous secret's use
+    while a grace runs."""
+    recent = await requests_last_24h(core, [record.id for record in records])
+    views = []
+    for record in records:
+        view = {**record.view(), "requests_24h": None if recent is None else recent[record.id]}
+        previous = await previous_secret_view(core, record)
+        if previous is not None:
+            view["previous_secret"] = previous
+        views.append(view)
+    return views
 
 
 @routes.get("/v1/tokens/{token_id}/usage")

@@ -204,6 +204,15 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="N",
         help="keep accepting the old secret for N more seconds (0 to 604800; default 0: it stops at once)",
     )
+    token_id(
+        leaf(
+            tokens,
+            "end-grace",
+            _token_status("end-grace"),
+            "end a rotation's grace period now: the previous token string stops working",
+            "`gateway tokens show ID` shows the previous secret's last use (previous_secret) while the grace runs.",
+        )
+    )
     token_id(leaf(tokens, "disable", _token_status("disable"), "stop a token working (until enabled again)"))
     token_id(leaf(tokens, "enable", _token_status("enable"), "let a disabled token work again"))
     token_id(

@@ -33,6 +33,7 @@ TOKEN_FIELDS = (
     "last_used_at",
     "last_used_ip",
     "previous_secret_expires_at",
+    "previous_secret",
     "version",
 )
 AUDIT_COLUMNS = (

@@ -56,6 +56,13 @@ def _check_usable(entry: CachedToken) -> None:
         raise _token_refused("token_expired", "The token has expired.")
 
 
+def presented_previous(entry: CachedToken, digest: bytes) -> bool:
+    """Whether the accepted secret was the previous one (in a rotation's grace): its use is tracked apart, so an
+    admin sees when every integration has switched."""
+    memo = entry.memo_previous
+    return memo is not None and digests_equal(memo, digest)
+
+
 class Authenticator:
     def __init__(
         self, cache: TokenCache, hasher: SecretHasher, *, prefix: str, limits: FailureLimits | None = None

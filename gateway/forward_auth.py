@@ -28,6 +28,7 @@ import re
 
 from aiohttp import web
 
+from gateway.authenticator import presented_previous
 from gateway.core import Core
 from gateway.decision import Decider
 from gateway.forward import (
@@ -79,6 +80,8 @@ class ForwardAuthHandler:
             self._usage.refused(token.record.id, refusal.code)
             raise
         self._usage.record(token.record.id, caller.client_ip)
+        if token.memo_previous is not None and presented_previous(token, caller.identified.digest):
+            self._usage.previous_secret_used(token.record, caller.client_ip)
         request.respond(200, b"OK", _ALLOWED_HEAD + gateway_headers(token.record.id, token.record.access_level), b"")
 
     def _read(self, request: HttpRequest) -> tuple[str | None, list[str], str, bytes]:

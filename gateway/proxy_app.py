@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from aiohttp import web
 
-from gateway.authenticator import Authenticator
+from gateway.authenticator import Authenticator, presented_previous
 from gateway.background import background_task
 from gateway.core import Core, core_key
 from gateway.decision import Caller, Decider, body_method_refused, check_target, credential_headers
@@ -101,6 +101,8 @@ class ProxyHandler:
             self._usage.count(token_id, Outcome.REFUSED_LEVEL)
             raise body_method_refused(token)
         self._usage.record(token_id, caller.client_ip)
+        if token.memo_previous is not None and presented_previous(token, caller.identified.digest):
+            self._usage.previous_secret_used(token.record, caller.client_ip)
         if request.upgrade == b"websocket" and request.method == "GET" and self._tunnels is not None:
             grant = _Grant(caller, token)
             await self._tunnels.relay(request, decision.upstream_target, decision.upstream_head, token_id, grant)

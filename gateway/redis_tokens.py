@@ -21,7 +21,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.outage import OutageLog
-from gateway.request_counts import DAY, Counts, Granularity, Outcome, parse_outcome
+from gateway.request_counts import DAY, Counts, Granularity, Outcome, PreviousUses, parse_outcome
 from gateway.store.base import TokenStore
 from gateway.tokens import TokenRecord, record_from_json, record_to_json
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 TOMBSTONE_VERSION = 2**62  # beats any real version: ids are never reused
 TOMBSTONE_TTL_SECONDS = 24 * 3600
+PREVIOUS_USE_TTL_SECONDS = 8 * 24 * 3600
 
 # KEYS[1] = entry; ARGV = version, payload, ttl seconds. Writes only over an older version (or nothing).
 _SET_IF_NEWER = """
@@ -49,6 +50,18 @@ for i = 1, #ARGV, 2 do
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
+return 1
+"""
+
+# KEYS[1] = a previous secret's uses; ARGV = count, "<unix time>|<ip>", ttl seconds. Adds the count, keeps the
+# latest use.
+_MERGE_PREVIOUS_USE = """
+redis.call('HINCRBY', KEYS[1], 'uses', ARGV[1])
+local current = redis.call('HGET', KEYS[1], 'last')
+if (not current) or tonumber(string.match(current, '^([^|]+)|')) < tonumber(string.match(ARGV[2], '^([^|]+)|')) then
+  redis.call('HSET', KEYS[1], 'last', ARGV[2])
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
 """
 
@@ -87,6 +100,10 @@ class RedisKeys:
 
     def token(self, token_id: str) -> str:
         return f"{self.prefix}token:{token_id}"
+
+    def previous_use(self, token_id: str, rotated_at: datetime) -> str:
+        """One rotation's previous secret: a new rotation starts a new hash."""
+        return f"{self.prefix}usage:previous:{token_id}:{round(rotated_at.timestamp() * 1_000_000)}"
 
     def counts(self, token_id: str, granularity: Granularity, bucket: int) -> str:
         """The hash holding a bucket's counts: an hour's in its UTC day's hash (`...:2026-12-02`, fields
@@ -199,6 +216,7 @@ class RedisUsage:
         self._key = self._keys.usage
         self._merge = client.register_script(_MERGE_USAGE)
         self._take = client.register_script(_TAKE_USAGE)
+        self._merge_previous = client.register_script(_MERGE_PREVIOUS_USE)
 
     async def record_usage(self, usage: Mapping[str, tuple[datetime, str]]) -> None:
         args: list[str] = []
@@ -254,6 +272,22 @@ class RedisUsage:
                 if parsed is not None and parsed[0] >= since:
                     totals[token_id] += int(value)
         return totals
+
+    async def record_previous_uses(self, uses: PreviousUses) -> None:
+        """Kept 8 days: longer than the longest grace (7 days), so the hash outlives what it describes."""
+        for (token_id, rotated_at), (count, at, ip) in uses.items():
+            await self._merge_previous(
+                keys=[self._keys.previous_use(token_id, rotated_at)],
+                args=[count, f"{at.timestamp():.6f}|{ip}", PREVIOUS_USE_TTL_SECONDS],
+            )
+
+    async def previous_secret_use(self, token_id: str, rotated_at: datetime) -> tuple[int, datetime, str] | None:
+        key = self._keys.previous_use(token_id, rotated_at)
+        fields = cast("dict[bytes, bytes]", await self._client.hgetall(key))
+        if not fields or b"last" not in fields:
+            return None
+        at, _, ip = fields[b"last"].decode().partition("|")
+        return int(fields.get(b"uses", b"0")), datetime.fromtimestamp(float(at), UTC), ip
 
     async def take(self) -> dict[str, tuple[datetime, str]]:
         flat = await self._take(keys=[self._key])

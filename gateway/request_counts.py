@@ -1,4 +1,5 @@
 """Requests per token, per hour and per day, by outcome: the buckets, their bounds, and the admin's reading.
+Also how the admin reads a rotation's previous secret's use, counted beside them (usage.py).
 
 The proxy counts each decision in memory by UTC hour (usage.py) and writes the counts in batches, each hour's
 counts also added to its UTC day. They are kept in Redis when proxies share one (redis_tokens.py: hashes that
@@ -59,6 +60,8 @@ class Granularity(enum.StrEnum):
 
 # (token id, granularity, bucket start in unix seconds, outcome) -> requests
 Counts = dict[tuple[str, Granularity, int, Outcome], int]
+# (token id, the rotation's time) -> (uses of the previous secret, the last one's time, its address or "")
+PreviousUses = Mapping[tuple[str, datetime], tuple[int, datetime, str]]
 
 
 def bucket_start(moment: float, granularity: Granularity) -> int:
@@ -96,6 +99,10 @@ class CountReader(Protocol):
 
     async def requests_since(self, token_ids: Sequence[str], since: int) -> dict[str, int]:
         """Requests of every outcome in the hour buckets starting at `since` or later, per token."""
+        ...
+
+    async def previous_secret_use(self, token_id: str, rotated_at: datetime) -> tuple[int, datetime, str] | None:
+        """Since the rotation at `rotated_at`: uses of the previous secret, the last one's time and address."""
         ...
 
 

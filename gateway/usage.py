@@ -13,9 +13,9 @@ from typing import Protocol
 from gateway.background import raise_if_cancelling
 from gateway.client_ip import ClientAddress
 from gateway.outage import OutageLog
-from gateway.request_counts import HOUR, OUTCOME_OF_CODE, Counts, Outcome, roll_up
+from gateway.request_counts import HOUR, OUTCOME_OF_CODE, Counts, Outcome, PreviousUses, roll_up
 from gateway.store.base import TokenStore
-from gateway.tokens import utc_now
+from gateway.tokens import TokenRecord, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,10 @@ class UsageSink(Protocol):
 
     async def record_counts(self, counts: Counts, *, now: float) -> None:
         """Add these counts; forget buckets older than they are kept (`now` by the recorder's clock)."""
+        ...
+
+    async def record_previous_uses(self, uses: PreviousUses) -> None:
+        """Add uses of a previous secret, by (token id, rotation time): (count, last use, its address)."""
         ...
 
 
@@ -46,6 +50,7 @@ class UsageRecorder:
         self._outage = outage or OutageLog(log, "the store")
         self._pending: dict[str, tuple[float, ClientAddress | None]] = {}
         self._counts: dict[tuple[int, str, Outcome], int] = {}
+        self._previous: dict[tuple[str, datetime], tuple[int, float, ClientAddress | None]] = {}
         self._now: Callable[[], float] = time.time if clock is utc_now else lambda: clock().timestamp()
         self.flushes = 0
 
@@ -64,6 +69,14 @@ class UsageRecorder:
         counts = self._counts
         counts[key] = counts.get(key, 0) + 1
 
+    def previous_secret_used(self, record: TokenRecord, client_ip: ClientAddress | None) -> None:
+        """A request allowed with the previous secret, during the grace of the rotation at `rotated_at`."""
+        if record.rotated_at is None:
+            return
+        key = (record.id, record.rotated_at)
+        known = self._previous.get(key)
+        self._previous[key] = (1 if known is None else known[0] + 1, self._now(), client_ip)
+
     def refused(self, token_id: str, code: str) -> None:
         """A request of a known token refused with this problem code: counted if it is an outcome."""
         outcome = OUTCOME_OF_CODE.get(code)
@@ -72,6 +85,7 @@ class UsageRecorder:
 
     async def flush(self) -> None:
         await self._flush_counts()
+        await self._flush_previous()
         if not self._pending:
             return
         batch, self._pending = self._pending, {}
@@ -102,6 +116,22 @@ class UsageRecorder:
             counts = self._counts
             for key, count in batch.items():
                 counts[key] = counts.get(key, 0) + count
+
+    async def _flush_previous(self) -> None:
+        if not self._previous:
+            return
+        batch, self._previous = self._previous, {}
+        uses: PreviousUses = {
+            key: (count, datetime.fromtimestamp(at, UTC), "" if ip is None else str(ip))
+            for key, (count, at, ip) in batch.items()
+        }
+        try:
+            await self._store.record_previous_uses(uses)
+        except Exception as error:
+            self._outage.failed(error, f"previous-secret uses wait in memory, written again every {self._interval:g}s")
+            for key, (count, at, ip) in batch.items():
+                known = self._previous.get(key)
+                self._previous[key] = (count, at, ip) if known is None else (known[0] + count, known[1], known[2])
 
     async def run(self) -> None:
         """Flush every `interval` seconds until cancelled, then once more."""

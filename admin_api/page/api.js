@@ -80,6 +80,7 @@ export const api = {
   editToken: (id, fields) => request("PATCH", `/v1/tokens/${encodeURIComponent(id)}`, { body: fields }),
   rotateToken: (id, graceSeconds) =>
     request("POST", `/v1/tokens/${encodeURIComponent(id)}/rotate`, { body: { grace_seconds: graceSeconds } }),
+  endGrace: (id) => request("POST", `/v1/tokens/${encodeURIComponent(id)}/end-grace`),
   disableToken: (id) => request("POST", `/v1/tokens/${encodeURIComponent(id)}/disable`),
   enableToken: (id) => request("POST", `/v1/tokens/${encodeURIComponent(id)}/enable`),
   deleteToken: (id) => request("DELETE", `/v1/tokens/${encodeURIComponent(id)}`),

@@ -31,6 +31,7 @@ const ACTIONS = {
   "token.disable": "Token disabled",
   "token.enable": "Token enabled",
   "token.delete": "Token deleted",
+  "token.end_grace": "Grace period ended",
   "admin_key.create": "Admin key created",
   "admin_key.delete": "Admin key deleted",
   "admin_auth.failure": "Admin sign-in refused",
@@ -68,6 +69,8 @@ function details(event) {
         : "The previous token stopped at once"];
     case "token.delete":
       return [`Name: ${shown("name", d.name)}`];
+    case "token.end_grace":
+      return ["The previous token stopped working"];
     case "admin_key.create":
       return [`${shown("name", d.name)}, role ${d.role}`];
     case "admin_auth.failure":

@@ -171,8 +171,25 @@ function statusCell(token) {
     const note = text("span", "sub", `previous token works until ${shortDateTime(previous)}`);
     note.title = fullDateTime(previous);
     parts.push(note);
+    if (token.previous_secret) parts.push(previousSecretNote(token.previous_secret));
   }
   return parts;
+}
+
+// Whether integrations still use the previous secret: once it is unused, the grace can end early.
+function previousSecretNote(use) {
+  if (!use.last_used_at) return text("span", "sub previous-use", "previous secret not used since the rotation");
+  const where = use.last_used_ip ? ` from ${use.last_used_ip}` : "";
+  const note = text(
+    "span", "sub previous-use", `previous secret last used ${relativeTime(use.last_used_at)}${where}`,
+  );
+  note.title = `${plural(use.uses, "request")} with the previous secret since the rotation; last ` +
+    fullDateTime(use.last_used_at);
+  return note;
+}
+
+function inGrace(token) {
+  return Boolean(token.previous_secret_expires_at) && !isPast(token.previous_secret_expires_at);
 }
 
 function nameCell(token) {
@@ -235,10 +252,14 @@ function listed(record) {
   return view;
 }
 
+// What only the list answers (usage); a change's answer is the token alone, so these are kept from before.
+const LIST_ONLY = ["requests_24h"];
+
 function replace(answer) {
   const record = listed(answer);
+  const keep = (item) => Object.fromEntries(LIST_ONLY.filter((key) => key in item).map((key) => [key, item[key]]));
   state.items = state.items
-    .map((item) => (item.id === record.id ? record : item))
+    .map((item) => (item.id === record.id ? { ...keep(item), ...record } : item))
     .filter((item) => item.id !== record.id || matchesFilters(item));
   render();
 }
@@ -278,6 +299,23 @@ function menuEntries(token) {
       }),
     },
   ];
+  if (inGrace(token)) {
+    entries.push({
+      label: "End grace period",
+      run: () => confirmAction(confirmParts, {
+        title: `End the grace period of ${name}?`,
+        body: "The previous token stops working now; only the current one is accepted.",
+        confirmLabel: "End grace period",
+        danger: true,
+        run: () => api.endGrace(token.id),
+        then: (record) => {
+          replace(record);
+          toast(`The previous token of ${name} no longer works.`);
+        },
+        returnFocus: focusAfter(token.id),
+      }),
+    });
+  }
   if (token.status === "enabled") {
     entries.push({
       label: "Disable",

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from gateway.request_counts import Counts, Granularity, Outcome
+from gateway.request_counts import Counts, Granularity, Outcome, PreviousUses
 from gateway.tokens import AdminKeyRecord, AuditEvent, TokenRecord, TokenStatus
 
 TokenChange = Callable[[TokenRecord], tuple[TokenRecord, AuditEvent]]
@@ -114,6 +114,12 @@ class TokenStore(Protocol):
     ) -> dict[tuple[int, Outcome], int]: ...
 
     async def requests_since(self, token_ids: Sequence[str], since: int) -> dict[str, int]: ...
+
+    async def record_previous_uses(self, uses: PreviousUses) -> None:
+        """Add a rotation's previous-secret uses; a token keeps the row of its latest rotation only."""
+        ...
+
+    async def previous_secret_use(self, token_id: str, rotated_at: datetime) -> tuple[int, datetime, str] | None: ...
 
     async def list_audit(
         self, *, token_id: str | None = None, limit: int = 100, cursor: str | None = None

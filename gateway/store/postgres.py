@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from gateway.background import raise_if_cancelling
-from gateway.request_counts import Counts, Granularity, Outcome, parse_outcome, sum_by_token
+from gateway.request_counts import Counts, Granularity, Outcome, PreviousUses, parse_outcome, sum_by_token
 from gateway.settings import Secret, redact_url
 from gateway.store.base import (
     AdminKeyNotFound,
@@ -465,6 +465,37 @@ class PostgresStore:
                 list(token_ids),
             )
         return {**dict.fromkeys(token_ids, 0), **sum_by_token((row["token_id"], int(row["total"])) for row in rows)}
+
+    async def record_previous_uses(self, uses: PreviousUses) -> None:
+        if not uses:
+            return
+        async with self._transaction() as connection:
+            for (token_id, rotated_at), (count, at, ip) in sorted(uses.items()):
+                await connection.execute(
+                    "DELETE FROM previous_secret_uses WHERE token_id = $1 AND rotated_at <> $2", token_id, rotated_at
+                )
+                await connection.execute(
+                    "INSERT INTO previous_secret_uses (token_id, rotated_at, uses, last_used_at, last_used_ip)"
+                    " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (token_id, rotated_at) DO UPDATE SET"
+                    " uses = previous_secret_uses.uses + excluded.uses,"
+                    " last_used_ip = CASE WHEN excluded.last_used_at > previous_secret_uses.last_used_at"
+                    " THEN excluded.last_used_ip ELSE previous_secret_uses.last_used_ip END,"
+                    " last_used_at = GREATEST(previous_secret_uses.last_used_at, excluded.last_used_at)",
+                    token_id,
+                    rotated_at,
+                    count,
+                    at,
+                    ip,
+                )
+
+    async def previous_secret_use(self, token_id: str, rotated_at: datetime) -> tuple[int, datetime, str] | None:
+        async with self._connection() as connection:
+            row = await connection.fetchrow(
+                "SELECT uses, last_used_at, last_used_ip FROM previous_secret_uses WHERE token_id = $1 AND rotated_at = $2",
+                token_id,
+                rotated_at,
+            )
+        return None if row is None else (int(row["uses"]), row["last_used_at"], row["last_used_ip"])
 
     async def _note_change(self, connection: asyncpg.Connection, token_id: str) -> None:
         await connection.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, token_id)

@@ -24,7 +24,7 @@ from gateway.store.base import (
     TokenChange,
     TokenNotFound,
 )
-from gateway.request_counts import Counts, Granularity, Outcome, parse_outcome, sum_by_token
+from gateway.request_counts import Counts, Granularity, Outcome, PreviousUses, parse_outcome, sum_by_token
 from gateway.store.cursors import decode_cursor, encode_cursor
 from gateway.tokens import (
     AdminKeyRecord,
@@ -420,6 +420,47 @@ class SQLiteStore:
             ]
 
         return {**dict.fromkeys(token_ids, 0), **sum_by_token(await self._run(query))}
+
+    async def record_previous_uses(self, uses: PreviousUses) -> None:
+        rows = [
+            (token_id, format_time(rotated_at), count, format_time(at), ip)
+            for (token_id, rotated_at), (count, at, ip) in uses.items()
+        ]
+
+        def write(connection: sqlite3.Connection) -> None:
+            with _transaction(connection):
+                for token_id, rotated_at, count, at, ip in rows:
+                    # One row per token: the uses of an earlier rotation's secret are of no more interest.
+                    connection.execute(
+                        "DELETE FROM previous_secret_uses WHERE token_id = ? AND rotated_at <> ?", (token_id, rotated_at)
+                    )
+                    connection.execute(
+                        "INSERT INTO previous_secret_uses (token_id, rotated_at, uses, last_used_at, last_used_ip)"
+                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (token_id, rotated_at) DO UPDATE SET"
+                        " uses = uses + excluded.uses,"
+                        " last_used_ip = CASE WHEN excluded.last_used_at > last_used_at THEN excluded.last_used_ip"
+                        " ELSE last_used_ip END,"
+                        " last_used_at = MAX(last_used_at, excluded.last_used_at)",
+                        (token_id, rotated_at, count, at, ip),
+                    )
+
+        if rows:
+            await self._run(write)
+
+    async def previous_secret_use(self, token_id: str, rotated_at: datetime) -> tuple[int, datetime, str] | None:
+        def query(connection: sqlite3.Connection) -> sqlite3.Row | None:
+            row: sqlite3.Row | None = connection.execute(
+                "SELECT uses, last_used_at, last_used_ip FROM previous_secret_uses WHERE token_id = ? AND rotated_at = ?",
+                (token_id, format_time(rotated_at)),
+            ).fetchone()
+            return row
+
+        row = await self._run(query)
+        if row is None:
+            return None
+        at = parse_stored_time(row["last_used_at"])
+        assert at is not None
+        return row["uses"], at, row["last_used_ip"]
 
     def _note_change(self, connection: sqlite3.Connection, token_id: str) -> None:
         if self.record_changes:

@@ -518,3 +518,35 @@ async def test_usage_chart_and_the_24_hour_column_show_the_counted_requests(
     await dialog.get_by_role("button", name="Close").click()
     await expect(usage_button).to_be_focused()
     tab.assert_quiet_and_local(ADMIN_KEY, token["token"])
+
+
+async def test_page_shows_the_previous_secrets_last_use_and_ends_the_grace(
+    start_gateway: GatewayFactory, browser: Browser
+) -> None:
+    clock = SettableClock()
+    gateway = await start_gateway(clock=clock)
+    created = await gateway.create_token(name="CRM sync")
+    status, rotated = await gateway.admin_call(
+        "POST", f"/v1/tokens/{created['id']}/rotate", json={"grace_seconds": 86400}
+    )
+    assert status == 200
+    clock.advance(-180)  # the gateway's clock stamps the use: three minutes before the page looks
+    assert (await gateway.call(created["token"])).status == 200
+    clock.advance(180)
+    await gateway.core.usage.flush()
+
+    tab = await open_tab(browser, gateway)
+    page = tab.page
+    await sign_in(tab, ADMIN_KEY)
+    row = tab.token_row("CRM sync")
+    await expect(row).to_contain_text("previous secret last used 3 minutes ago from 127.0.0.1")
+
+    await tab.open_menu_item("CRM sync", "End grace period")
+    await tab.confirm("End the grace period of “CRM sync”?", "End grace period")
+    await expect(page.get_by_role("status").filter(has_text="no longer works")).to_be_visible()
+    await expect(row).not_to_contain_text("previous secret")
+    assert (await gateway.call(created["token"])).status == 401
+    assert (await gateway.call(rotated["token"])).status == 200
+    await tab.token_row("CRM sync").get_by_role("button", name="Actions").click()
+    await expect(page.get_by_role("menuitem", name="End grace period")).to_have_count(0)
+    tab.assert_quiet_and_local(ADMIN_KEY, created["token"], rotated["token"])

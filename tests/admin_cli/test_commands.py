@@ -294,6 +294,20 @@ def test_rotate_shows_the_new_token_once_and_the_old_one_stops(gateway: Gateway)
     assert gateway.proxy(tokens[0]) == (200, None)  # the previous secret, during its grace period
     assert gateway.proxy(graced["token"]) == (200, None)
 
+    for _ in range(600):  # bounded: the proxy writes uses every usage_flush_interval (0.1 s here)
+        shown = cli(gateway, "tokens", "show", created["id"], "--json").json()
+        if shown["previous_secret"]["uses"] == 1:
+            break
+        time.sleep(0.05)
+    assert shown["previous_secret"]["last_used_ip"] == "127.0.0.1"
+    assert "previous_secret" in cli(gateway, "tokens", "show", created["id"]).out
+    ended = cli(gateway, "tokens", "end-grace", created["id"])
+    assert ended.code == OK and "previous_secret_expires_at" in ended.out
+    assert gateway.proxy(tokens[0]) == (401, "invalid_token")
+    assert gateway.proxy(graced["token"]) == (200, None)
+    again = cli(gateway, "tokens", "end-grace", created["id"])
+    assert again.code == REFUSED and "409 no_grace" in again.err
+
 
 def test_disable_enable_delete_as_the_proxy_sees_them(gateway: Gateway) -> None:
     created = _create(gateway, "lifecycle")
@@ -403,7 +417,9 @@ def test_help_of_every_admin_command_describes_each_flag_and_its_variable() -> N
     found = dict(leaves(build_parser(), ()))
     assert set(found) == {
         ("tokens", name)
-        for name in ("create", "list", "show", "edit", "rotate", "disable", "enable", "delete", "usage", "audit")
+        for name in (
+            "create", "list", "show", "edit", "rotate", "end-grace", "disable", "enable", "delete", "usage", "audit"
+        )
     } | {("admin-keys", name) for name in ("create", "list", "delete", "whoami")}
     for path, parser in found.items():
         text = parser.format_help()
