@@ -16,7 +16,7 @@ from admin_api.validation import MAX_GRACE_SECONDS, MAX_PAGE_SIZE, NAME_MAX_LENG
 from gateway.core import core_key
 from gateway.problems import PROBLEM_CONTENT_TYPE
 from gateway.ranges import MAX_RANGES
-from gateway.request_counts import OUTCOMES, Granularity
+from gateway.request_counts import OUTCOMES, RECENT_ADDRESSES, Granularity
 from gateway.settings import Settings
 from gateway.token_format import ID_LENGTH
 
@@ -92,6 +92,17 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "minimum": 1,
                 "description": "Grows by one with every change; send it back in an edit to refuse a stale one.",
             },
+            "recent_addresses": _nullable(
+                {
+                    "type": "array",
+                    "maxItems": RECENT_ADDRESSES,
+                    "items": _object(
+                        {"address": {"type": "string"}, "uses": {"type": "integer", "minimum": 1}, "last_used_at": TIMESTAMP}
+                    ),
+                    "description": "Only in `GET /v1/tokens/{token_id}`: the last few distinct client addresses the"
+                    " token was allowed from, most recent first, with their requests; null if they cannot be read.",
+                }
+            ),
             "previous_secret": {
                 **_object(
                     {

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from admin_api.admin_auth import admin_key_key
-from admin_api.usage_routes import in_grace, previous_secret_view, usage_views
+from admin_api.usage_routes import in_grace, previous_secret_view, recent_addresses_view, usage_views
 from admin_api.validation import (
     parse_access_level,
     parse_expires_at,
@@ -139,7 +139,7 @@ async def get_token(request: web.Request) -> web.Response:
     record = await core.store.get_token(token_id)
     if record is None:
         raise _not_found(token_id)
-    view = record.view()
+    view: dict[str, Any] = {**record.view(), "recent_addresses": await recent_addresses_view(core, token_id)}
     previous = await previous_secret_view(core, record)
     if previous is not None:
         view["previous_secret"] = previous

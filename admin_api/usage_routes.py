@@ -66,6 +66,15 @@ async def previous_secret_view(core: Core, record: TokenRecord) -> dict[str, Any
     return {"last_used_at": format_time(at), "last_used_ip": ip or None, "uses": uses}
 
 
+async def recent_addresses_view(core: Core, token_id: str) -> list[dict[str, Any]] | None:
+    """The last few distinct addresses the token was allowed from, with counts; None if they cannot be read."""
+    try:
+        found = await core.counts.recent_addresses(token_id)
+    except (RedisError, OSError):
+        return None
+    return [{"address": address, "uses": uses, "last_used_at": format_time(at)} for address, uses, at in found]
+
+
 async def usage_views(core: Core, records: Sequence[TokenRecord]) -> list[dict[str, Any]]:
     """The listed tokens' views with their requests in the last 24 hours, and their previous secret's use
     while a grace runs."""

@@ -21,7 +21,16 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.outage import OutageLog
-from gateway.request_counts import DAY, Counts, Granularity, Outcome, PreviousUses, parse_outcome
+from gateway.request_counts import (
+    DAY,
+    RECENT_ADDRESSES,
+    AddressUses,
+    Counts,
+    Granularity,
+    Outcome,
+    PreviousUses,
+    parse_outcome,
+)
 from gateway.store.base import TokenStore
 from gateway.tokens import TokenRecord, record_from_json, record_to_json
 
@@ -65,6 +74,33 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
 """
 
+# KEYS[1] = a token's recent addresses; ARGV[1] = how many to keep, ARGV[2] = ttl seconds, then address, count,
+# unix time, ... Fields are "<count>|<last unix time>"; the least recently used beyond the number kept go.
+_MERGE_ADDRESSES = """
+for i = 3, #ARGV, 3 do
+  local current = redis.call('HGET', KEYS[1], ARGV[i])
+  local count, last = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  if current then
+    local seen, at = string.match(current, '^(%d+)|(.+)$')
+    count = count + tonumber(seen)
+    if tonumber(at) > last then last = tonumber(at) end
+  end
+  redis.call('HSET', KEYS[1], ARGV[i], count .. '|' .. string.format('%.6f', last))
+end
+local all = redis.call('HGETALL', KEYS[1])
+local keep = tonumber(ARGV[1])
+if #all / 2 > keep then
+  local entries = {}
+  for i = 1, #all, 2 do
+    table.insert(entries, {all[i], tonumber(string.match(all[i + 1], '|(.+)$'))})
+  end
+  table.sort(entries, function(a, b) return a[2] > b[2] end)
+  for i = keep + 1, #entries do redis.call('HDEL', KEYS[1], entries[i][1]) end
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"""
+
 # KEYS[1] = usage hash: read and clear it atomically.
 _TAKE_USAGE = """
 local all = redis.call('HGETALL', KEYS[1])
@@ -100,6 +136,9 @@ class RedisKeys:
 
     def token(self, token_id: str) -> str:
         return f"{self.prefix}token:{token_id}"
+
+    def addresses(self, token_id: str) -> str:
+        return f"{self.prefix}usage:addresses:{token_id}"
 
     def previous_use(self, token_id: str, rotated_at: datetime) -> str:
         """One rotation's previous secret: a new rotation starts a new hash."""
@@ -217,6 +256,7 @@ class RedisUsage:
         self._merge = client.register_script(_MERGE_USAGE)
         self._take = client.register_script(_TAKE_USAGE)
         self._merge_previous = client.register_script(_MERGE_PREVIOUS_USE)
+        self._merge_addresses = client.register_script(_MERGE_ADDRESSES)
 
     async def record_usage(self, usage: Mapping[str, tuple[datetime, str]]) -> None:
         args: list[str] = []
@@ -288,6 +328,25 @@ class RedisUsage:
             return None
         at, _, ip = fields[b"last"].decode().partition("|")
         return int(fields.get(b"uses", b"0")), datetime.fromtimestamp(float(at), UTC), ip
+
+    async def record_addresses(self, uses: AddressUses) -> None:
+        """One script per token: its hash holds at most RECENT_ADDRESSES fields, and expires 91 days after its
+        last write, like the day counts."""
+        by_token: dict[str, list[str | int]] = {}
+        for (token_id, address), (count, at) in uses.items():
+            by_token.setdefault(token_id, []).extend([address, count, f"{at.timestamp():.6f}"])
+        for token_id, args in by_token.items():
+            await self._merge_addresses(
+                keys=[self._keys.addresses(token_id)], args=[RECENT_ADDRESSES, Granularity.DAY.kept, *args]
+            )
+
+    async def recent_addresses(self, token_id: str) -> list[tuple[str, int, datetime]]:
+        fields = cast("dict[bytes, bytes]", await self._client.hgetall(self._keys.addresses(token_id)))
+        found = []
+        for address, value in fields.items():
+            count, _, at = value.decode().partition("|")
+            found.append((address.decode(), int(count), datetime.fromtimestamp(float(at), UTC)))
+        return sorted(found, key=lambda item: item[2], reverse=True)[:RECENT_ADDRESSES]
 
     async def take(self) -> dict[str, tuple[datetime, str]]:
         flat = await self._take(keys=[self._key])

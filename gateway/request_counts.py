@@ -62,6 +62,10 @@ class Granularity(enum.StrEnum):
 Counts = dict[tuple[str, Granularity, int, Outcome], int]
 # (token id, the rotation's time) -> (uses of the previous secret, the last one's time, its address or "")
 PreviousUses = Mapping[tuple[str, datetime], tuple[int, datetime, str]]
+# (token id, client address) -> (requests allowed from it, the last one's time)
+AddressUses = Mapping[tuple[str, str], tuple[int, datetime]]
+RECENT_ADDRESSES = 5
+"""Distinct client addresses kept per token: the most recently used, each with its count."""
 
 
 def bucket_start(moment: float, granularity: Granularity) -> int:
@@ -103,6 +107,11 @@ class CountReader(Protocol):
 
     async def previous_secret_use(self, token_id: str, rotated_at: datetime) -> tuple[int, datetime, str] | None:
         """Since the rotation at `rotated_at`: uses of the previous secret, the last one's time and address."""
+        ...
+
+    async def recent_addresses(self, token_id: str) -> list[tuple[str, int, datetime]]:
+        """The last RECENT_ADDRESSES distinct addresses the token was allowed from: (address, requests, last
+        time), the most recent first."""
         ...
 
 

@@ -13,11 +13,14 @@ from typing import Protocol
 from gateway.background import raise_if_cancelling
 from gateway.client_ip import ClientAddress
 from gateway.outage import OutageLog
-from gateway.request_counts import HOUR, OUTCOME_OF_CODE, Counts, Outcome, PreviousUses, roll_up
+from gateway.request_counts import HOUR, OUTCOME_OF_CODE, AddressUses, Counts, Outcome, PreviousUses, roll_up
 from gateway.store.base import TokenStore
 from gateway.tokens import TokenRecord, utc_now
 
 log = logging.getLogger(__name__)
+
+# (token, address) pairs held between two flushes: a flood from many addresses cannot grow memory past this.
+MAX_PENDING_ADDRESSES = 10_000
 
 
 class UsageSink(Protocol):
@@ -29,6 +32,10 @@ class UsageSink(Protocol):
 
     async def record_previous_uses(self, uses: PreviousUses) -> None:
         """Add uses of a previous secret, by (token id, rotation time): (count, last use, its address)."""
+        ...
+
+    async def record_addresses(self, uses: AddressUses) -> None:
+        """Add requests by (token id, address); keep each token's RECENT_ADDRESSES most recent addresses."""
         ...
 
 
@@ -51,7 +58,9 @@ class UsageRecorder:
         self._pending: dict[str, tuple[float, ClientAddress | None]] = {}
         self._counts: dict[tuple[int, str, Outcome], int] = {}
         self._previous: dict[tuple[str, datetime], tuple[int, float, ClientAddress | None]] = {}
+        self._addresses: dict[tuple[str, ClientAddress], tuple[int, float]] = {}
         self._now: Callable[[], float] = time.time if clock is utc_now else lambda: clock().timestamp()
+        self._flushing = asyncio.Lock()
         self.flushes = 0
 
     def record(self, token_id: str, client_ip: ClientAddress | None) -> None:
@@ -61,6 +70,13 @@ class UsageRecorder:
         key = (int(now // HOUR) * HOUR, token_id, Outcome.ALLOWED)
         counts = self._counts
         counts[key] = counts.get(key, 0) + 1
+        if client_ip is not None:
+            addresses = self._addresses
+            seen = addresses.get((token_id, client_ip))
+            if seen is not None:
+                addresses[token_id, client_ip] = (seen[0] + 1, now)
+            elif len(addresses) < MAX_PENDING_ADDRESSES:
+                addresses[token_id, client_ip] = (1, now)
 
     def count(self, token_id: str, outcome: Outcome) -> None:
         """One request of this token with this outcome, in the current hour (rate limits call this for
@@ -84,8 +100,15 @@ class UsageRecorder:
             self.count(token_id, outcome)
 
     async def flush(self) -> None:
-        await self._flush_counts()
-        await self._flush_previous()
+        """Write what was recorded so far. One flush at a time: a flush called while the timer's runs returns
+        once that one has written too."""
+        async with self._flushing:
+            await self._flush_counts()
+            await self._flush_previous()
+            await self._flush_addresses()
+            await self._flush_last_used()
+
+    async def _flush_last_used(self) -> None:
         if not self._pending:
             return
         batch, self._pending = self._pending, {}
@@ -132,6 +155,22 @@ class UsageRecorder:
             for key, (count, at, ip) in batch.items():
                 known = self._previous.get(key)
                 self._previous[key] = (count, at, ip) if known is None else (known[0] + count, known[1], known[2])
+
+    async def _flush_addresses(self) -> None:
+        if not self._addresses:
+            return
+        batch, self._addresses = self._addresses, {}
+        uses: AddressUses = {
+            (token_id, address.text): (count, datetime.fromtimestamp(at, UTC))
+            for (token_id, address), (count, at) in batch.items()
+        }
+        try:
+            await self._store.record_addresses(uses)
+        except Exception as error:
+            self._outage.failed(error, f"client addresses wait in memory, written again every {self._interval:g}s")
+            for key, (count, at) in batch.items():
+                known = self._addresses.get(key)
+                self._addresses[key] = (count, at) if known is None else (known[0] + count, known[1])
 
     async def run(self) -> None:
         """Flush every `interval` seconds until cancelled, then once more."""

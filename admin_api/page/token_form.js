@@ -26,6 +26,8 @@ const errors = {
   expires_at: $("tf-expires-error"),
 };
 const levelHint = $("tf-level-hint");
+const suggest = $("tf-ranges-suggest");
+const suggestList = $("tf-ranges-suggest-list");
 
 const shownDialog = $("token-shown-dialog");
 const shownTitle = $("token-shown-title");
@@ -109,6 +111,39 @@ function fill(token) {
   initial = values();
 }
 
+// The addresses the token was recently used from, each a button that adds it to the allowed ranges: tightening
+// a token's ranges to where it is really used is one step.
+async function offerAddresses(token) {
+  suggest.hidden = true;
+  suggestList.replaceChildren();
+  if (!token) return;
+  let recent = [];
+  try {
+    recent = (await api.getToken(token.id)).recent_addresses || [];
+  } catch {
+    return; // only a suggestion: the form works without it
+  }
+  if (editing !== token) return;
+  for (const { address, uses } of recent) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "chip chip-button";
+    button.textContent = `${address} (${uses})`;
+    button.setAttribute("aria-label", `Allow ${address}, used ${uses} ${uses === 1 ? "time" : "times"}`);
+    button.addEventListener("click", () => addRange(address, button));
+    suggestList.append(button);
+  }
+  suggest.hidden = recent.length === 0;
+}
+
+function addRange(address, button) {
+  const field = controls.allowed_ip_ranges;
+  const lines = field.value.split("\n").map((line) => line.trim()).filter(Boolean);
+  if (!lines.includes(address)) field.value = [...lines, address].join("\n");
+  button.disabled = true;
+  checkRanges();
+}
+
 // `onSaved(record)` runs after a successful create or edit; `focusAfter` is where focus goes on close.
 export function openTokenForm(token, { onSaved, focusAfter }) {
   editing = token;
@@ -118,6 +153,7 @@ export function openTokenForm(token, { onSaved, focusAfter }) {
   submit.textContent = token ? "Save" : "Create";
   clearErrors();
   fill(token);
+  offerAddresses(token);
   openDialog(dialog, { returnFocus: focusAfter, focus: controls.name });
 }
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from gateway.request_counts import Counts, Granularity, Outcome, PreviousUses
+from gateway.request_counts import AddressUses, Counts, Granularity, Outcome, PreviousUses
 from gateway.tokens import AdminKeyRecord, AuditEvent, TokenRecord, TokenStatus
 
 TokenChange = Callable[[TokenRecord], tuple[TokenRecord, AuditEvent]]
@@ -120,6 +120,12 @@ class TokenStore(Protocol):
         ...
 
     async def previous_secret_use(self, token_id: str, rotated_at: datetime) -> tuple[int, datetime, str] | None: ...
+
+    async def record_addresses(self, uses: AddressUses) -> None:
+        """Add requests per client address; a token keeps its RECENT_ADDRESSES most recent addresses."""
+        ...
+
+    async def recent_addresses(self, token_id: str) -> list[tuple[str, int, datetime]]: ...
 
     async def list_audit(
         self, *, token_id: str | None = None, limit: int = 100, cursor: str | None = None

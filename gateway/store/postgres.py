@@ -26,7 +26,16 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from gateway.background import raise_if_cancelling
-from gateway.request_counts import Counts, Granularity, Outcome, PreviousUses, parse_outcome, sum_by_token
+from gateway.request_counts import (
+    RECENT_ADDRESSES,
+    AddressUses,
+    Counts,
+    Granularity,
+    Outcome,
+    PreviousUses,
+    parse_outcome,
+    sum_by_token,
+)
 from gateway.settings import Secret, redact_url
 from gateway.store.base import (
     AdminKeyNotFound,
@@ -496,6 +505,33 @@ class PostgresStore:
                 rotated_at,
             )
         return None if row is None else (int(row["uses"]), row["last_used_at"], row["last_used_ip"])
+
+    async def record_addresses(self, uses: AddressUses) -> None:
+        if not uses:
+            return
+        rows = sorted((token_id, address, count, at) for (token_id, address), (count, at) in uses.items())
+        async with self._transaction() as connection:
+            await connection.executemany(
+                "INSERT INTO token_addresses (token_id, address, uses, last_used_at) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (token_id, address) DO UPDATE SET uses = token_addresses.uses + excluded.uses,"
+                " last_used_at = GREATEST(token_addresses.last_used_at, excluded.last_used_at)",
+                rows,
+            )
+            await connection.executemany(
+                "DELETE FROM token_addresses WHERE token_id = $1 AND address NOT IN (SELECT address FROM"
+                " token_addresses WHERE token_id = $1 ORDER BY last_used_at DESC, address LIMIT $2)",
+                [(token_id, RECENT_ADDRESSES) for token_id in sorted({row[0] for row in rows})],
+            )
+
+    async def recent_addresses(self, token_id: str) -> list[tuple[str, int, datetime]]:
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                "SELECT address, uses, last_used_at FROM token_addresses WHERE token_id = $1"
+                " ORDER BY last_used_at DESC, address LIMIT $2",
+                token_id,
+                RECENT_ADDRESSES,
+            )
+        return [(row["address"], int(row["uses"]), row["last_used_at"]) for row in rows]
 
     async def _note_change(self, connection: asyncpg.Connection, token_id: str) -> None:
         await connection.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, token_id)

@@ -24,7 +24,16 @@ from gateway.store.base import (
     TokenChange,
     TokenNotFound,
 )
-from gateway.request_counts import Counts, Granularity, Outcome, PreviousUses, parse_outcome, sum_by_token
+from gateway.request_counts import (
+    RECENT_ADDRESSES,
+    AddressUses,
+    Counts,
+    Granularity,
+    Outcome,
+    PreviousUses,
+    parse_outcome,
+    sum_by_token,
+)
 from gateway.store.cursors import decode_cursor, encode_cursor
 from gateway.tokens import (
     AdminKeyRecord,
@@ -461,6 +470,41 @@ class SQLiteStore:
         at = parse_stored_time(row["last_used_at"])
         assert at is not None
         return row["uses"], at, row["last_used_ip"]
+
+    async def record_addresses(self, uses: AddressUses) -> None:
+        rows = [(token_id, address, count, format_time(at)) for (token_id, address), (count, at) in uses.items()]
+
+        def write(connection: sqlite3.Connection) -> None:
+            with _transaction(connection):
+                connection.executemany(
+                    "INSERT INTO token_addresses (token_id, address, uses, last_used_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (token_id, address) DO UPDATE SET uses = uses + excluded.uses,"
+                    " last_used_at = MAX(last_used_at, excluded.last_used_at)",
+                    rows,
+                )
+                connection.executemany(
+                    "DELETE FROM token_addresses WHERE token_id = ? AND address NOT IN (SELECT address FROM"
+                    " token_addresses WHERE token_id = ? ORDER BY last_used_at DESC, address LIMIT ?)",
+                    [(token_id, token_id, RECENT_ADDRESSES) for token_id in {row[0] for row in rows}],
+                )
+
+        if rows:
+            await self._run(write)
+
+    async def recent_addresses(self, token_id: str) -> list[tuple[str, int, datetime]]:
+        def query(connection: sqlite3.Connection) -> list[sqlite3.Row]:
+            return connection.execute(
+                "SELECT address, uses, last_used_at FROM token_addresses WHERE token_id = ?"
+                " ORDER BY last_used_at DESC, address LIMIT ?",
+                (token_id, RECENT_ADDRESSES),
+            ).fetchall()
+
+        found = []
+        for row in await self._run(query):
+            at = parse_stored_time(row["last_used_at"])
+            assert at is not None
+            found.append((row["address"], row["uses"], at))
+        return found
 
     def _note_change(self, connection: sqlite3.Connection, token_id: str) -> None:
         if self.record_changes:

@@ -550,3 +550,31 @@ async def test_page_shows_the_previous_secrets_last_use_and_ends_the_grace(
     await tab.token_row("CRM sync").get_by_role("button", name="Actions").click()
     await expect(page.get_by_role("menuitem", name="End grace period")).to_have_count(0)
     tab.assert_quiet_and_local(ADMIN_KEY, created["token"], rotated["token"])
+
+
+async def test_edit_form_offers_the_recent_addresses_as_allowed_ranges(
+    start_gateway: GatewayFactory, browser: Browser
+) -> None:
+    gateway = await start_gateway(trusted_proxies="127.0.0.1")
+    created = await gateway.create_token(name="CRM sync")
+    for address, times in (("10.1.2.3", 3), ("10.1.2.4", 1)):
+        for _ in range(times):
+            assert (await gateway.call(created["token"], headers={"X-Forwarded-For": address})).status == 200
+    await gateway.core.usage.flush()
+
+    tab = await open_tab(browser, gateway)
+    page = tab.page
+    await sign_in(tab, ADMIN_KEY)
+    await tab.open_menu_item("CRM sync", "Edit")
+    dialog = page.get_by_role("dialog", name="Edit API token")
+    await expect(dialog.get_by_role("button", name="Allow 10.1.2.4, used 1 time")).to_be_visible()
+    await dialog.get_by_role("button", name="Allow 10.1.2.3, used 3 times").click()
+    await expect(dialog.get_by_label("Allowed IP ranges")).to_have_value("10.1.2.3")
+    await dialog.get_by_role("button", name="Save").click()
+    await expect(dialog).to_be_hidden()
+
+    assert (await token_view(gateway, created["id"]))["allowed_ip_ranges"] == ["10.1.2.3/32"]
+    assert (await gateway.call(created["token"], headers={"X-Forwarded-For": "10.1.2.3"})).status == 200
+    refused = await gateway.call(created["token"], headers={"X-Forwarded-For": "10.1.2.4"})
+    assert (refused.status, (await refused.json())["code"]) == (403, "ip_not_allowed")
+    tab.assert_quiet_and_local(ADMIN_KEY, created["token"])

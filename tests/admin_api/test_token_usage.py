@@ -96,10 +96,10 @@ async def test_two_proxies_with_redis_add_their_counts_up(start_gateway: Gateway
     client = redis.Redis.from_url(redis_url)
     try:
         keys = [key.decode() async for key in client.scan_iter("gateway:usage:*:*")]
-        assert {key.split(":")[2] for key in keys} == {"hour", "day"}
+        assert {key.split(":")[2] for key in keys} == {"hour", "day", "addresses"}
         for key in keys:
             ttl = await client.ttl(key)
-            limit = (8 + 1) * 86400 if ":hour:" in key else (91 + 31) * 86400
+            limit = {"hour": (8 + 1) * 86400, "day": (91 + 31) * 86400, "addresses": 91 * 86400}[key.split(":")[2]]
             assert 0 < ttl <= limit, (key, ttl)
     finally:
         await client.aclose()
