@@ -99,8 +99,9 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     "items": _object(
                         {"address": {"type": "string"}, "uses": {"type": "integer", "minimum": 1}, "last_used_at": TIMESTAMP}
                     ),
-                    "description": "Only in `GET /v1/tokens/{token_id}`: the last few distinct client addresses the"
-                    " token was allowed from, most recent first, with their requests; null if they cannot be read.",
+                    "description": "In single-token answers (not in the list): the last few distinct client"
+                    " addresses the token was allowed from, most recent first, with their requests; null if they"
+                    " cannot be read.",
                 }
             ),
             "previous_secret": {
@@ -111,8 +112,8 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                         "uses": {"type": "integer", "minimum": 0},
                     }
                 ),
-                "description": "Only in reads (list, show) while a rotation's grace runs: how the previous"
-                " secret was used since the rotation, written in batches like last_used_at.",
+                "description": "Only while a rotation's grace runs: how the previous secret was used since the"
+                " rotation, written in batches like last_used_at.",
             },
         },
         required=(

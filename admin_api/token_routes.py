@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from admin_api.admin_auth import admin_key_key
-from admin_api.usage_routes import in_grace, previous_secret_view, recent_addresses_view, usage_views
+from admin_api.usage_routes import in_grace, token_answer, usage_views
 from admin_api.validation import (
     parse_access_level,
     parse_expires_at,
@@ -110,7 +110,7 @@ async def create_token(request: web.Request) -> web.Response:
     await core.store.insert_token(record, event)
     await core.changes.changed(record)
     return web.json_response(
-        {**record.view(), "token": str(token)},
+        {**await token_answer(core, record), "token": str(token)},
         status=201,
         headers={"Location": f"/v1/tokens/{token_id}", "Cache-Control": "no-store"},
     )
@@ -139,11 +139,7 @@ async def get_token(request: web.Request) -> web.Response:
     record = await core.store.get_token(token_id)
     if record is None:
         raise _not_found(token_id)
-    view: dict[str, Any] = {**record.view(), "recent_addresses": await recent_addresses_view(core, token_id)}
-    previous = await previous_secret_view(core, record)
-    if previous is not None:
-        view["previous_secret"] = previous
-    return web.json_response(view)
+    return web.json_response(await token_answer(core, record))
 
 
 async def _change(request: web.Request, change: Any) -> TokenRecord:
@@ -207,7 +203,7 @@ async def edit_token(request: web.Request) -> web.Response:
         return changed, _event(request, "token.edit", current.id, changes=changes)
 
     record = await _change_or_keep(request, edit)
-    return web.json_response(record.view())
+    return web.json_response(await token_answer(core, record))
 
 
 @routes.post("/v1/tokens/{token_id}/rotate")
@@ -233,7 +229,9 @@ async def rotate_token(request: web.Request) -> web.Response:
         return changed, _event(request, "token.rotate", current.id, grace_seconds=grace_seconds)
 
     record = await _change(request, rotate)
-    return web.json_response({**record.view(), "token": str(token)}, headers={"Cache-Control": "no-store"})
+    return web.json_response(
+        {**await token_answer(core, record), "token": str(token)}, headers={"Cache-Control": "no-store"}
+    )
 
 
 @routes.post("/v1/tokens/{token_id}/end-grace")
@@ -259,7 +257,7 @@ async def end_grace(request: web.Request) -> web.Response:
         return changed, _event(request, "token.end_grace", current.id, previous_secret_expires_at=was)
 
     record = await _change(request, end)
-    return web.json_response(record.view())
+    return web.json_response(await token_answer(core, record))
 
 
 def _set_status(status: TokenStatus, action: str) -> Any:
@@ -274,7 +272,7 @@ def _set_status(status: TokenStatus, action: str) -> Any:
             return changed, _event(request, action, current.id)
 
         record = await _change_or_keep(request, change)
-        return web.json_response(record.view())
+        return web.json_response(await token_answer(request.app[core_key], record))
 
     return handler
 

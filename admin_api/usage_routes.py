@@ -75,6 +75,16 @@ async def recent_addresses_view(core: Core, token_id: str) -> list[dict[str, Any
     return [{"address": address, "uses": uses, "last_used_at": format_time(at)} for address, uses, at in found]
 
 
+async def token_answer(core: Core, record: TokenRecord) -> dict[str, Any]:
+    """A token as every single-token answer shows it (read, create, edit, rotate, ...): its view, the addresses
+    it was recently used from, and its previous secret's use while a grace runs."""
+    view: dict[str, Any] = {**record.view(), "recent_addresses": await recent_addresses_view(core, record.id)}
+    previous = await previous_secret_view(core, record)
+    if previous is not None:
+        view["previous_secret"] = previous
+    return view
+
+
 async def usage_views(core: Core, records: Sequence[TokenRecord]) -> list[dict[str, Any]]:
     """The listed tokens' views with their requests in the last 24 hours, and their previous secret's use
     while a grace runs."""

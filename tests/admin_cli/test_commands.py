@@ -179,12 +179,13 @@ def test_create_json_is_the_admin_apis_answer_with_the_token(gateway: Gateway) -
         "last_used_ip",
         "previous_secret_expires_at",
         "version",
+        "recent_addresses",
         "token",
     }
     assert created["allowed_ip_ranges"] == ["127.0.0.1/32"] and created["expires_at"] is None
     assert gateway.proxy(created["token"]) == (200, None)
     shown = cli(gateway, "tokens", "show", created["id"], "--json").json()
-    usage = {"token", "last_used_at", "last_used_ip"}  # usage arrives within usage_flush_interval
+    usage = {"token", "last_used_at", "last_used_ip", "recent_addresses"}  # written every usage_flush_interval
     assert {k: v for k, v in shown.items() if k not in usage} == {
         k: v for k, v in created.items() if k not in usage
     }
