@@ -210,6 +210,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "store": {"type": "string"},
                 "redis": {"type": "string"},
                 "undelivered_changes": {"type": "string"},
+                "rate_limits": {"type": "string", "enum": ["shared", "per process (redis unavailable)"]},
             },
             required=("status", "store", "redis"),
         ),

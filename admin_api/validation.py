@@ -11,8 +11,15 @@ from typing import Any
 from aiohttp import web
 
 from gateway.problems import bad_request
-from gateway.ratelimits.policy import MAX_PER_SECONDS, MAX_REQUESTS, Quota, QuotaPeriod, RateLimit
 from gateway.ranges import MAX_RANGES, RangeError, normalize_ranges
+from gateway.ratelimits.policy import (
+    MAX_PER_SECONDS,
+    MAX_RATE_PER_SECOND,
+    MAX_REQUESTS,
+    Quota,
+    QuotaPeriod,
+    RateLimit,
+)
 from gateway.tokens import TokenStatus, parse_rfc3339
 
 NAME_MAX_LENGTH = 100
@@ -177,11 +184,16 @@ def parse_rate_limit(value: Any) -> RateLimit | None:
     for required in ("requests", "per_seconds"):
         if required not in body:
             raise bad_request(f"rate_limit.{required}", f"rate_limit.{required} is required.", code)
-    return RateLimit(
+    rate = RateLimit(
         requests=_count(body["requests"], "rate_limit.requests", code, maximum=MAX_REQUESTS),
         per_seconds=_count(body["per_seconds"], "rate_limit.per_seconds", code, maximum=MAX_PER_SECONDS),
         burst=_count(body.get("burst"), "rate_limit.burst", code, maximum=MAX_REQUESTS, required=False),
     )
+    if rate.requests > rate.per_seconds * MAX_RATE_PER_SECOND:
+        raise bad_request(
+            "rate_limit.requests", f"rate_limit allows at most {MAX_RATE_PER_SECOND} requests per second.", code
+        )
+    return rate
 
 
 def parse_quota(value: Any) -> Quota | None:

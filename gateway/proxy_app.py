@@ -2,7 +2,8 @@
 
 credentials (credentials.py) -> token and secret (authenticator.py) -> client address (client_ip.py) ->
 allowed ranges (ranges.py) -> the target's one reading (request_target.py) -> access level (access_levels.py)
--> usage (usage.py) -> upstream (forward.py), which is sent the path that was judged
+-> the token's rate limit and quota (ratelimits/) -> usage (usage.py) -> upstream (forward.py), which is sent
+the path that was judged
 
 The port is served by http_server.py; this module is the handler it runs, and the aiohttp Application that
 holds the plane's lifecycle (the decider, the upstream pool, the usage writer, the token-change listener).
@@ -55,6 +56,7 @@ class ProxyHandler:
     ) -> None:
         self._tunnels = tunnels
         self._usage = core.usage
+        self._limiter = core.limiter
         self._decider = decider
         self._forwarder = forwarder
         self._proto = b"http" if core.settings.proxy_tls_cert is None else b"https"
@@ -94,13 +96,22 @@ class ProxyHandler:
             raise body_too_large(decision.max_body)
         if request.body is not None and not decision.body_allowed:
             raise body_method_refused(token)
+        record = token.record
+        # Only now, with the secret, the address and the level all accepted, may a request use up a budget.
+        limit_headers = (
+            b"" if record.rate_limit is None and record.quota is None else await self._limiter.admit(record)
+        )
         self._usage.record(token_id, caller.client_ip)
         if request.upgrade == b"websocket" and request.method == "GET" and self._tunnels is not None:
             grant = _Grant(caller, token)
             await self._tunnels.relay(request, decision.upstream_target, decision.upstream_head, token_id, grant)
             return
         await self._forwarder.forward(
-            request, decision.upstream_target, decision.upstream_head, max_body=decision.max_body
+            request,
+            decision.upstream_target,
+            decision.upstream_head,
+            max_body=decision.max_body,
+            response_headers=limit_headers,
         )
 
     async def still_allowed(self, tunnel: Tunnel) -> bool:

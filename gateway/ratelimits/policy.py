@@ -21,6 +21,7 @@ from typing import Any
 # that stay exact in a double (Lua numbers) and in a Redis integer.
 MAX_REQUESTS = 10**9
 MAX_PER_SECONDS = 366 * 24 * 3600
+MAX_RATE_PER_SECOND = 100_000  # GCRA's times stay exact to well under one emission interval
 
 
 class QuotaPeriod(enum.StrEnum):

@@ -43,7 +43,9 @@ async def test_patch_changes_and_clears_limits_and_audits_from_and_to(gateway: G
     created = await gateway.create_token(rate_limit=RATE)
 
     status, edited = await gateway.admin_call(
-        "PATCH", f"/v1/tokens/{created['id']}", json={"rate_limit": {"requests": 7, "per_seconds": 2}, "quota": QUOTA}
+        "PATCH",
+        f"/v1/tokens/{created['id']}",
+        json={"rate_limit": {"requests": 7, "per_seconds": 2}, "quota": QUOTA},
     )
     assert status == 200, edited
     assert edited["rate_limit"] == {"requests": 7, "per_seconds": 2, "burst": None}
@@ -79,20 +81,66 @@ BAD_LIMITS: dict[str, tuple[str, Any, str, str]] = {
     "rate as a list": ("rate_limit", [100, 60], "invalid_rate_limit", "rate_limit"),
     "rate without requests": ("rate_limit", {"per_seconds": 60}, "invalid_rate_limit", "rate_limit.requests"),
     "rate without window": ("rate_limit", {"requests": 1}, "invalid_rate_limit", "rate_limit.per_seconds"),
-    "rate of zero": ("rate_limit", {"requests": 0, "per_seconds": 60}, "invalid_rate_limit", "rate_limit.requests"),
-    "negative rate": ("rate_limit", {"requests": -1, "per_seconds": 60}, "invalid_rate_limit", "rate_limit.requests"),
-    "fractional rate": ("rate_limit", {"requests": 1.5, "per_seconds": 60}, "invalid_rate_limit", "rate_limit.requests"),
-    "boolean rate": ("rate_limit", {"requests": True, "per_seconds": 60}, "invalid_rate_limit", "rate_limit.requests"),
-    "rate as text": ("rate_limit", {"requests": "100", "per_seconds": 60}, "invalid_rate_limit", "rate_limit.requests"),
-    "huge rate": ("rate_limit", {"requests": 10**9 + 1, "per_seconds": 1}, "invalid_rate_limit", "rate_limit.requests"),
-    "zero window": ("rate_limit", {"requests": 1, "per_seconds": 0}, "invalid_rate_limit", "rate_limit.per_seconds"),
+    "rate of zero": (
+        "rate_limit",
+        {"requests": 0, "per_seconds": 60},
+        "invalid_rate_limit",
+        "rate_limit.requests",
+    ),
+    "negative rate": (
+        "rate_limit",
+        {"requests": -1, "per_seconds": 60},
+        "invalid_rate_limit",
+        "rate_limit.requests",
+    ),
+    "fractional rate": (
+        "rate_limit",
+        {"requests": 1.5, "per_seconds": 60},
+        "invalid_rate_limit",
+        "rate_limit.requests",
+    ),
+    "boolean rate": (
+        "rate_limit",
+        {"requests": True, "per_seconds": 60},
+        "invalid_rate_limit",
+        "rate_limit.requests",
+    ),
+    "rate as text": (
+        "rate_limit",
+        {"requests": "100", "per_seconds": 60},
+        "invalid_rate_limit",
+        "rate_limit.requests",
+    ),
+    "huge rate": (
+        "rate_limit",
+        {"requests": 10**9 + 1, "per_seconds": 366 * 86400},
+        "invalid_rate_limit",
+        "rate_limit.requests",
+    ),
+    "over 100000 a second": (
+        "rate_limit",
+        {"requests": 200_001, "per_seconds": 2},
+        "invalid_rate_limit",
+        "rate_limit.requests",
+    ),
+    "zero window": (
+        "rate_limit",
+        {"requests": 1, "per_seconds": 0},
+        "invalid_rate_limit",
+        "rate_limit.per_seconds",
+    ),
     "window over a year": (
         "rate_limit",
         {"requests": 1, "per_seconds": 366 * 86400 + 1},
         "invalid_rate_limit",
         "rate_limit.per_seconds",
     ),
-    "zero burst": ("rate_limit", {"requests": 1, "per_seconds": 1, "burst": 0}, "invalid_rate_limit", "rate_limit.burst"),
+    "zero burst": (
+        "rate_limit",
+        {"requests": 1, "per_seconds": 1, "burst": 0},
+        "invalid_rate_limit",
+        "rate_limit.burst",
+    ),
     "unknown rate field": (
         "rate_limit",
         {"requests": 1, "per_seconds": 1, "window": "1m"},
@@ -103,9 +151,19 @@ BAD_LIMITS: dict[str, tuple[str, Any, str, str]] = {
     "quota without period": ("quota", {"requests": 1000}, "invalid_quota", "quota.period"),
     "quota without requests": ("quota", {"period": "day"}, "invalid_quota", "quota.requests"),
     "quota per week": ("quota", {"requests": 1000, "period": "week"}, "invalid_quota", "quota.period"),
-    "quota period in capitals": ("quota", {"requests": 1000, "period": "DAY"}, "invalid_quota", "quota.period"),
+    "quota period in capitals": (
+        "quota",
+        {"requests": 1000, "period": "DAY"},
+        "invalid_quota",
+        "quota.period",
+    ),
     "zero quota": ("quota", {"requests": 0, "period": "day"}, "invalid_quota", "quota.requests"),
-    "unknown quota field": ("quota", {"requests": 1, "period": "day", "reset": 0}, "invalid_quota", "quota.reset"),
+    "unknown quota field": (
+        "quota",
+        {"requests": 1, "period": "day", "reset": 0},
+        "invalid_quota",
+        "quota.reset",
+    ),
 }
 
 
@@ -114,7 +172,9 @@ async def test_bad_limits_are_a_400_naming_the_field_on_create_and_patch(
     gateway: Gateway, name: str, value: Any, code: str, field: str
 ) -> None:
     body = json.dumps({"name": "CRM", "access_level": "read_only", name: value}).encode()
-    response = await admin_request(gateway, "POST", "/v1/tokens", data=body, headers={"Content-Type": "application/json"})
+    response = await admin_request(
+        gateway, "POST", "/v1/tokens", data=body, headers={"Content-Type": "application/json"}
+    )
     await expect_problem(response, 400, code, field)
 
     created = await gateway.create_token(rate_limit=RATE, quota=QUOTA)
