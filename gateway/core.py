@@ -95,6 +95,7 @@ async def open_core(
     await store.open()
     hasher = SecretHasher(settings.argon2)
     client = connect(settings.redis_url.reveal()) if settings.redis_url is not None else None
+    core: Core | None = None
     try:
         core = _assemble(settings, store, hasher, client, clock)
         if isinstance(store, PostgresStore):
@@ -102,6 +103,8 @@ async def open_core(
         yield core
     finally:
         if client is not None:
+            if core is not None:
+                await core.limiter.close()
             await client.aclose()
         hasher.close()
         await store.close()

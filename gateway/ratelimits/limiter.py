@@ -33,6 +33,10 @@ class TokenLimiter:
         # Called with (token id, "rate_limited" | "quota_exceeded") for every refusal.
         self.on_refused: Callable[[str, str], None] | None = None
 
+    async def close(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()
+
     @property
     def mode(self) -> str:
         """Where limits are counted now: "shared" (Redis), "per process" (no Redis configured), or

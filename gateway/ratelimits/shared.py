@@ -1,4 +1,5 @@
-"""Limits shared by every replica: one Lua script per request, run by Redis atomically (one EVALSHA).
+"""Limits shared by every replica: one Lua script per request, run by Redis atomically (one EVALSHA, sent
+on the connection of pipe.py; through redis-py for a TLS URL).
 
 The script reads the token's quota counter and its GCRA arrival time (gcra.py explains GCRA), decides, and
 writes both only when the request is allowed. Redis runs a script alone, so two replicas can never both
@@ -28,6 +29,7 @@ from redis.exceptions import RedisError
 
 from gateway.outage import OutageLog
 from gateway.ratelimits.gcra import EPOCH, QUOTA_EXCEEDED, RATE_LIMITED, LimitOutcome, LocalLimiter
+from gateway.ratelimits.pipe import ReplyError, ScriptPipe
 from gateway.ratelimits.policy import Quota, RateLimit
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,27 @@ return {0, remaining, tostring(reset), used, '0'}
 _CODES = {1: RATE_LIMITED, 2: QUOTA_EXCEEDED}
 
 
+def _pipe_for(client: redis.Redis) -> ScriptPipe | None:
+    """The fast connection (pipe.py) to the Redis `client` talks to, or None for TLS (redis-py then runs the
+    script)."""
+    pool = client.connection_pool
+    options = pool.connection_kwargs
+    if "path" in options:
+        address: dict[str, object] = {"path": options["path"]}
+    elif pool.connection_class.__name__ == "Connection":
+        address = {"host": options.get("host", "localhost"), "port": int(options.get("port", 6379))}
+    else:
+        return None
+    return ScriptPipe(
+        CHECK_SCRIPT,
+        username=options.get("username"),
+        password=options.get("password"),
+        db=int(options.get("db") or 0),
+        timeout=float(options.get("socket_timeout") or 0.5),
+        **address,  # type: ignore[arg-type]
+    )
+
+
 class RedisLimiter:
     def __init__(
         self,
@@ -92,6 +115,7 @@ class RedisLimiter:
         retry_interval: float = 1.0,
     ) -> None:
         self._script = client.register_script(CHECK_SCRIPT)
+        self._pipe = _pipe_for(client)
         self._fallback = fallback
         self._prefix = f"{key_prefix}limit:"
         self._outage = outage or OutageLog(log, "redis")
@@ -100,6 +124,10 @@ class RedisLimiter:
         self.degraded = False  # the last check fell back to this process's own counts
         self.redis_checks = 0
         self.fallback_checks = 0
+
+    async def close(self) -> None:
+        if self._pipe is not None:
+            await self._pipe.close()
 
     async def check(
         self, token_id: str, rate: RateLimit | None, quota: Quota | None, now: float
@@ -121,8 +149,12 @@ class RedisLimiter:
             0 if end is None else int(end) + 60,
         )
         try:
-            refused, rate_remaining, rate_reset, used, wait = await self._script(keys=keys, args=arguments)
-        except (RedisError, OSError) as error:
+            if self._pipe is not None:
+                reply = await self._pipe.run(keys, arguments)
+            else:
+                reply = await self._script(keys=keys, args=arguments)
+            refused, rate_remaining, rate_reset, used, wait = reply
+        except (RedisError, OSError, ReplyError) as error:
             self._outage.failed(
                 error,
                 "rate limits and quotas are counted per process until it answers"
