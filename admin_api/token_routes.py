@@ -245,25 +245,28 @@ async def rotate_token(request: web.Request) -> web.Response:
     return web.json_response({**record.view(), "token": str(token)}, headers={"Cache-Control": "no-store"})
 
 
-def _set_status(status: TokenStatus, action: str) -> Any:
-    async def handler(request: web.Request) -> web.Response:
-        await read_json_object(request, ())
+async def _set_status(request: web.Request, status: TokenStatus, action: str) -> web.Response:
+    await read_json_object(request, ())
 
-        def change(current: TokenRecord) -> tuple[TokenRecord, AuditEvent]:
-            if current.status is status:
-                raise _Unchanged(current)
-            now = request.app[core_key].clock()
-            changed = dataclasses.replace(current, status=status, updated_at=now, version=current.version + 1)
-            return changed, _event(request, action, current.id)
+    def change(current: TokenRecord) -> tuple[TokenRecord, AuditEvent]:
+        if current.status is status:
+            raise _Unchanged(current)
+        now = request.app[core_key].clock()
+        changed = dataclasses.replace(current, status=status, updated_at=now, version=current.version + 1)
+        return changed, _event(request, action, current.id)
 
-        record = await _change_or_keep(request, change)
-        return web.json_response(record.view())
-
-    return handler
+    record = await _change_or_keep(request, change)
+    return web.json_response(record.view())
 
 
-routes.post("/v1/tokens/{token_id}/disable")(_set_status(TokenStatus.DISABLED, "token.disable"))
-routes.post("/v1/tokens/{token_id}/enable")(_set_status(TokenStatus.ENABLED, "token.enable"))
+@routes.post("/v1/tokens/{token_id}/disable")
+async def disable_token(request: web.Request) -> web.Response:
+    return await _set_status(request, TokenStatus.DISABLED, "token.disable")
+
+
+@routes.post("/v1/tokens/{token_id}/enable")
+async def enable_token(request: web.Request) -> web.Response:
+    return await _set_status(request, TokenStatus.ENABLED, "token.enable")
 
 
 @routes.delete("/v1/tokens/{token_id}")
