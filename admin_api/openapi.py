@@ -15,6 +15,7 @@ from admin_api.admin_auth import BOOTSTRAP_KEY_ID, ROLES
 from admin_api.validation import MAX_GRACE_SECONDS, MAX_PAGE_SIZE, NAME_MAX_LENGTH
 from gateway.core import core_key
 from gateway.problems import PROBLEM_CONTENT_TYPE
+from gateway.ratelimits.policy import MAX_PER_SECONDS, MAX_REQUESTS, QuotaPeriod
 from gateway.ranges import MAX_RANGES
 from gateway.request_counts import OUTCOMES, RECENT_ADDRESSES, Granularity
 from gateway.settings import Settings
@@ -53,6 +54,29 @@ NAME: Schema = {
     "description": "Trimmed before the length check; no control characters, line breaks or lone surrogates.",
 }
 
+COUNT: Schema = {"type": "integer", "minimum": 1, "maximum": MAX_REQUESTS}
+RATE_LIMIT: Schema = _nullable(
+    {
+        **_object(
+            {
+                "requests": COUNT,
+                "per_seconds": {"type": "integer", "minimum": 1, "maximum": MAX_PER_SECONDS},
+                "burst": _nullable({**COUNT, "description": "Requests allowed back to back; null: `requests`."}),
+            },
+            required=("requests", "per_seconds"),
+        ),
+        "description": "On average `requests` per `per_seconds` seconds (GCRA), shared by every replica;"
+        " null: unlimited. Refused with 429 `rate_limited`.",
+    }
+)
+QUOTA: Schema = _nullable(
+    {
+        **_object({"requests": COUNT, "period": {"type": "string", "enum": [p.value for p in QuotaPeriod]}}),
+        "description": "`requests` per UTC calendar day or month, or in total (never refilled); null:"
+        " unlimited. Refused with 429 `quota_exceeded`.",
+    }
+)
+
 
 def _schemas(settings: Settings) -> dict[str, Schema]:
     levels = list(settings.access_levels)
@@ -71,6 +95,8 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
         "access_level": {"type": "string", "enum": levels},
         "allowed_ip_ranges": ranges,
         "expires_at": _nullable({**TIMESTAMP, "description": "In the future; null for never."}),
+        "rate_limit": RATE_LIMIT,
+        "quota": QUOTA,
     }
     token = _object(
         {
@@ -92,6 +118,8 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "minimum": 1,
                 "description": "Grows by one with every change; send it back in an edit to refuse a stale one.",
             },
+            "rate_limit": RATE_LIMIT,
+            "quota": QUOTA,
             "recent_addresses": _nullable(
                 {
                     "type": "array",
@@ -119,6 +147,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
         required=(
             "id", "name", "access_level", "allowed_ip_ranges", "status", "expires_at", "created_at",
             "updated_at", "rotated_at", "last_used_at", "last_used_ip", "previous_secret_expires_at", "version",
+            "rate_limit", "quota",
         ),
     )
     edit_fields: dict[str, Schema] = {
@@ -244,6 +273,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "store": {"type": "string"},
                 "redis": {"type": "string"},
                 "undelivered_changes": {"type": "string"},
+                "rate_limits": {"type": "string", "enum": ["shared", "per process (redis unavailable)"]},
             },
             required=("status", "store", "redis"),
         ),

@@ -21,6 +21,8 @@ from admin_api.validation import (
     parse_ip_ranges,
     parse_limit,
     parse_name,
+    parse_quota,
+    parse_rate_limit,
     parse_status,
     parse_time_parameter,
     parse_version,
@@ -29,13 +31,14 @@ from admin_api.validation import (
 )
 from gateway.core import core_key
 from gateway.problems import GatewayError, bad_request
+from gateway.ratelimits.policy import Quota, RateLimit
 from gateway.store import InvalidCursor, TokenNotFound
 from gateway.token_format import ID_PATTERN, issue_token, new_token_id
 from gateway.tokens import AuditEvent, TokenRecord, TokenStatus, format_time
 
 routes = web.RouteTableDef()
 
-CREATE_FIELDS = frozenset({"name", "access_level", "allowed_ip_ranges", "expires_at"})
+CREATE_FIELDS = frozenset({"name", "access_level", "allowed_ip_ranges", "expires_at", "rate_limit", "quota"})
 EDIT_FIELDS = CREATE_FIELDS | {"version"}
 ROTATE_FIELDS = frozenset({"grace_seconds"})
 
@@ -64,6 +67,8 @@ def _event(request: web.Request, action: str, token_id: str, **details: Any) -> 
 def _audit_value(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
+    if isinstance(value, (RateLimit, Quota)):
+        return value.view()
     if hasattr(value, "tzinfo"):
         return format_time(value)
     return value
@@ -81,6 +86,8 @@ async def create_token(request: web.Request) -> web.Response:
     ranges = parse_ip_ranges(body.get("allowed_ip_ranges", []))
     now = core.clock()
     expires_at = parse_expires_at(body.get("expires_at"), now=now)
+    rate_limit = parse_rate_limit(body.get("rate_limit"))
+    quota = parse_quota(body.get("quota"))
 
     token_id = new_token_id()
     token = issue_token(core.settings.token_prefix, token_id)
@@ -97,6 +104,8 @@ async def create_token(request: web.Request) -> web.Response:
         last_used_at=None,
         last_used_ip=None,
         secret_hash=await core.hasher.hash(token.secret),
+        rate_limit=rate_limit,
+        quota=quota,
     )
     event = _event(
         request,
@@ -106,6 +115,8 @@ async def create_token(request: web.Request) -> web.Response:
         access_level=access_level,
         allowed_ip_ranges=list(ranges),
         expires_at=format_time(expires_at),
+        rate_limit=_audit_value(rate_limit),
+        quota=_audit_value(quota),
     )
     await core.store.insert_token(record, event)
     await core.changes.changed(record)
@@ -180,6 +191,10 @@ async def edit_token(request: web.Request) -> web.Response:
         wanted["allowed_ip_ranges"] = parse_ip_ranges(body["allowed_ip_ranges"])
     if "expires_at" in body:
         wanted["expires_at"] = parse_expires_at(body["expires_at"], now=core.clock())
+    if "rate_limit" in body:
+        wanted["rate_limit"] = parse_rate_limit(body["rate_limit"])
+    if "quota" in body:
+        wanted["quota"] = parse_quota(body["quota"])
     expected = parse_version(body["version"]) if "version" in body else None
 
     def edit(current: TokenRecord) -> tuple[TokenRecord, AuditEvent]:
@@ -260,25 +275,28 @@ async def end_grace(request: web.Request) -> web.Response:
     return web.json_response(await token_answer(core, record))
 
 
-def _set_status(status: TokenStatus, action: str) -> Any:
-    async def handler(request: web.Request) -> web.Response:
-        await read_json_object(request, ())
+async def _set_status(request: web.Request, status: TokenStatus, action: str) -> web.Response:
+    await read_json_object(request, ())
 
-        def change(current: TokenRecord) -> tuple[TokenRecord, AuditEvent]:
-            if current.status is status:
-                raise _Unchanged(current)
-            now = request.app[core_key].clock()
-            changed = dataclasses.replace(current, status=status, updated_at=now, version=current.version + 1)
-            return changed, _event(request, action, current.id)
+    def change(current: TokenRecord) -> tuple[TokenRecord, AuditEvent]:
+        if current.status is status:
+            raise _Unchanged(current)
+        now = request.app[core_key].clock()
+        changed = dataclasses.replace(current, status=status, updated_at=now, version=current.version + 1)
+        return changed, _event(request, action, current.id)
 
-        record = await _change_or_keep(request, change)
-        return web.json_response(await token_answer(request.app[core_key], record))
-
-    return handler
+    record = await _change_or_keep(request, change)
+    return web.json_response(await token_answer(request.app[core_key], record))
 
 
-routes.post("/v1/tokens/{token_id}/disable")(_set_status(TokenStatus.DISABLED, "token.disable"))
-routes.post("/v1/tokens/{token_id}/enable")(_set_status(TokenStatus.ENABLED, "token.enable"))
+@routes.post("/v1/tokens/{token_id}/disable")
+async def disable_token(request: web.Request) -> web.Response:
+    return await _set_status(request, TokenStatus.DISABLED, "token.disable")
+
+
+@routes.post("/v1/tokens/{token_id}/enable")
+async def enable_token(request: web.Request) -> web.Response:
+    return await _set_status(request, TokenStatus.ENABLED, "token.enable")
 
 
 @routes.delete("/v1/tokens/{token_id}")

@@ -12,6 +12,14 @@ from aiohttp import web
 
 from gateway.problems import bad_request
 from gateway.ranges import MAX_RANGES, RangeError, normalize_ranges
+from gateway.ratelimits.policy import (
+    MAX_PER_SECONDS,
+    MAX_RATE_PER_SECOND,
+    MAX_REQUESTS,
+    Quota,
+    QuotaPeriod,
+    RateLimit,
+)
 from gateway.tokens import TokenStatus, parse_rfc3339
 
 NAME_MAX_LENGTH = 100
@@ -144,3 +152,63 @@ def parse_time_parameter(name: str, text: str | None) -> datetime | None:
         return parse_rfc3339(text)
     except ValueError as error:
         raise bad_request(name, f"{name} {error}.", "invalid_parameter") from None
+
+
+def _limit_object(value: Any, field: str, keys: Collection[str], code: str, example: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise bad_request(field, f"{field} must be null (unlimited) or an object such as {example}.", code)
+    for key in value:
+        if key not in keys:
+            raise bad_request(
+                f"{field}.{key[:64]}", f"Unknown field '{key[:64]}' in {field}. Allowed: {', '.join(keys)}.", code
+            )
+    return value
+
+
+def _count(value: Any, field: str, code: str, *, maximum: int, required: bool = True) -> Any:
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise bad_request(field, f"{field} must be an integer from 1 to {maximum}.", code)
+    return value
+
+
+def parse_rate_limit(value: Any) -> RateLimit | None:
+    """null, or {"requests": N, "per_seconds": S, "burst": B} with burst optional (null: N)."""
+    if value is None:
+        return None
+    code = "invalid_rate_limit"
+    body = _limit_object(
+        value, "rate_limit", ("requests", "per_seconds", "burst"), code, '{"requests": 100, "per_seconds": 60}'
+    )
+    for required in ("requests", "per_seconds"):
+        if required not in body:
+            raise bad_request(f"rate_limit.{required}", f"rate_limit.{required} is required.", code)
+    rate = RateLimit(
+        requests=_count(body["requests"], "rate_limit.requests", code, maximum=MAX_REQUESTS),
+        per_seconds=_count(body["per_seconds"], "rate_limit.per_seconds", code, maximum=MAX_PER_SECONDS),
+        burst=_count(body.get("burst"), "rate_limit.burst", code, maximum=MAX_REQUESTS, required=False),
+    )
+    if rate.requests > rate.per_seconds * MAX_RATE_PER_SECOND:
+        raise bad_request(
+            "rate_limit.requests", f"rate_limit allows at most {MAX_RATE_PER_SECOND} requests per second.", code
+        )
+    return rate
+
+
+def parse_quota(value: Any) -> Quota | None:
+    """null, or {"requests": N, "period": "day" | "month" | "total"}."""
+    if value is None:
+        return None
+    code = "invalid_quota"
+    body = _limit_object(value, "quota", ("requests", "period"), code, '{"requests": 10000, "period": "day"}')
+    for required in ("requests", "period"):
+        if required not in body:
+            raise bad_request(f"quota.{required}", f"quota.{required} is required.", code)
+    periods = [period.value for period in QuotaPeriod]
+    if not isinstance(body["period"], str) or body["period"] not in periods:
+        raise bad_request("quota.period", f"quota.period must be one of {', '.join(periods)}.", code)
+    return Quota(
+        requests=_count(body["requests"], "quota.requests", code, maximum=MAX_REQUESTS),
+        period=QuotaPeriod(body["period"]),
+    )

@@ -146,6 +146,35 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                 help="make the token never expire (expires_at: null)",
             )
 
+        rate = parser.add_mutually_exclusive_group() if editing else parser
+        rate.add_argument(
+            "--rate-limit",
+            type=_rate_limit,
+            metavar="N/S",
+            help="at most N requests per S seconds across every replica, e.g. 100/60s, 1000/1h"
+            + ("" if editing else " (default: unlimited)"),
+        )
+        parser.add_argument(
+            "--burst",
+            type=_positive,
+            metavar="B",
+            help="with --rate-limit: requests allowed back to back (rate_limit.burst; default N)",
+        )
+        if editing:
+            rate.add_argument(
+                "--clear-rate-limit", action="store_true", help="remove the rate limit (rate_limit: null)"
+            )
+        quota = parser.add_mutually_exclusive_group() if editing else parser
+        quota.add_argument(
+            "--quota",
+            type=_quota,
+            metavar="N/PERIOD",
+            help="at most N requests per UTC day or month, or in total: 10000/day, 250000/month, 500/total"
+            + ("" if editing else " (default: unlimited)"),
+        )
+        if editing:
+            quota.add_argument("--clear-quota", action="store_true", help="remove the quota (quota: null)")
+
     def paging(parser: argparse.ArgumentParser, what: str) -> None:
         parser.add_argument(
             "--limit", type=int, metavar="N", help=f"at most N {what} per page (API default 100)"
@@ -324,12 +353,53 @@ def _show_token(answer: dict[str, Any], arguments: argparse.Namespace, out: Text
         print_secret("token", str(answer["token"]), "the integration's configuration", out)
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _positive(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def _rate_limit(text: str) -> dict[str, int]:
+    """`100/60s` (also `100/60`, `100/1m`, `5000/1h`, `100000/1d`) as the admin API's rate_limit."""
+    requests, slash, window = text.partition("/")
+    unit = window[-1:] if window[-1:] in _DURATION_UNITS else "s"
+    number = window[:-1] if window[-1:] in _DURATION_UNITS else window
+    if not slash or not (requests.isascii() and requests.isdigit()) or not (number.isascii() and number.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not N/S such as 100/60s or 1000/1h")
+    return {"requests": int(requests), "per_seconds": int(number) * _DURATION_UNITS[unit]}
+
+
+def _quota(text: str) -> dict[str, Any]:
+    """`10000/day`, `250000/month` or `500/total` as the admin API's quota."""
+    requests, slash, period = text.partition("/")
+    if not slash or not (requests.isascii() and requests.isdigit()) or period not in ("day", "month", "total"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not N/day, N/month or N/total")
+    return {"requests": int(requests), "period": period}
+
+
+def _limit_fields(arguments: argparse.Namespace, body: dict[str, Any]) -> None:
+    if arguments.burst is not None and arguments.rate_limit is None:
+        raise UsageError("--burst goes with --rate-limit (the whole rate limit is replaced)")
+    if arguments.rate_limit is not None:
+        body["rate_limit"] = {**arguments.rate_limit, "burst": arguments.burst}
+    elif getattr(arguments, "clear_rate_limit", False):
+        body["rate_limit"] = None
+    if arguments.quota is not None:
+        body["quota"] = arguments.quota
+    elif getattr(arguments, "clear_quota", False):
+        body["quota"] = None
+
+
 def _token_create(client: AdminClient, arguments: argparse.Namespace, out: TextIO) -> None:
     body: dict[str, Any] = {"name": arguments.name, "access_level": arguments.access_level}
     if arguments.allowed_ip_ranges is not None:
         body["allowed_ip_ranges"] = arguments.allowed_ip_ranges
     if arguments.expires_at is not None:
         body["expires_at"] = arguments.expires_at
+    _limit_fields(arguments, body)
     _, answer = client.call("POST", "/v1/tokens", body=body)
     _show_token(answer, arguments, out)
 
@@ -385,10 +455,11 @@ def _token_edit(client: AdminClient, arguments: argparse.Namespace, out: TextIO)
         body["allowed_ip_ranges"] = arguments.allowed_ip_ranges or []
     if arguments.expires_at is not None or arguments.clear_expires_at:
         body["expires_at"] = arguments.expires_at
+    _limit_fields(arguments, body)
     if not body:
         raise UsageError(
             "nothing to change: give --name, --access-level, --allowed-ip-range, --clear-allowed-ip-ranges,"
-            " --expires-at or --clear-expires-at"
+            " --expires-at, --clear-expires-at, --rate-limit, --clear-rate-limit, --quota or --clear-quota"
         )
     if arguments.version is not None:
         body["version"] = arguments.version

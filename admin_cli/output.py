@@ -17,6 +17,8 @@ TOKEN_COLUMNS = (
     ("STATUS", "status"),
     ("IP RANGES", "allowed_ip_ranges"),
     ("EXPIRES", "expires_at"),
+    ("RATE LIMIT", "rate_limit"),
+    ("QUOTA", "quota"),
     ("LAST USED", "last_used_at"),
     ("REQUESTS 24H", "requests_24h"),
 )
@@ -33,6 +35,8 @@ TOKEN_FIELDS = (
     "last_used_at",
     "last_used_ip",
     "previous_secret_expires_at",
+    "rate_limit",
+    "quota",
     "previous_secret",
     "version",
 )
@@ -67,6 +71,12 @@ def cell(value: Any) -> str:
         text = "-"
     elif isinstance(value, list):
         text = ", ".join(str(item) for item in value) if value else "any address"  # no ranges: anywhere
+    elif isinstance(value, dict) and set(value) == {"requests", "per_seconds", "burst"}:
+        text = f"{value['requests']}/{value['per_seconds']}s"  # as `--rate-limit` takes it
+        if value["burst"] is not None:
+            text += f" burst {value['burst']}"
+    elif isinstance(value, dict) and set(value) == {"requests", "period"}:
+        text = f"{value['requests']}/{value['period']}"  # as `--quota` takes it
     elif isinstance(value, dict):
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     else:

@@ -8,6 +8,7 @@ store) and changes travel through Redis to every process.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from aiohttp import web
 from gateway.client_ip import ClientIpResolver
 from gateway.invalidation import InvalidationListener
 from gateway.metrics import Metrics
+from gateway.ratelimits.gcra import LocalLimiter
+from gateway.ratelimits.limiter import TokenLimiter
+from gateway.ratelimits.shared import RedisLimiter
 from gateway.redis_tokens import RedisTokens, RedisUsage, connect
 from gateway.request_counts import CountReader
 from gateway.secrets import SecretHasher
@@ -54,12 +58,13 @@ class Core:
     changes: TokenChanges
     metrics: Metrics
     counts: CountReader  # where the admin reads request counts: Redis if proxies share one, else the store
+    limiter: TokenLimiter
     shared: SharedCache | None = None
     # With PostgreSQL: the store's own change notifications, heard by the proxy plane beside Redis.
     store_listener: StoreNotificationListener | None = None
-    # The wall clock the admin API stamps changes with (creation, rotation grace, expiry checks), and the proxy
-    # counts requests by (their hour); a test sets it to another moment to see grace and expiry end through
-    # the proxy without waiting, or requests fall either side of an hour.
+    # The wall clock the admin API stamps changes with (creation, rotation grace, expiry checks) and the
+    # limiter counts quota periods by; a test sets it to another moment to see grace and expiry end, or a UTC
+    # day begin, without waiting.
     clock: Callable[[], datetime] = utc_now
 
 
@@ -92,6 +97,7 @@ async def open_core(
     await store.open()
     hasher = SecretHasher(settings.argon2)
     client = connect(settings.redis_url.reveal()) if settings.redis_url is not None else None
+    core: Core | None = None
     try:
         core = _assemble(settings, store, hasher, client, clock)
         if isinstance(store, PostgresStore):
@@ -99,6 +105,8 @@ async def open_core(
         yield core
     finally:
         if client is not None:
+            if core is not None:
+                await core.limiter.close()
             await client.aclose()
         hasher.close()
         await store.close()
@@ -118,6 +126,8 @@ def _assemble(
     }
     client_ips = ClientIpResolver(settings.trusted_proxies)
     metrics = Metrics(token_labels=settings.metrics_token_labels)
+    seconds: Callable[[], float] = time.time if clock is utc_now else lambda: clock().timestamp()
+    local_limits = LocalLimiter(max_entries=settings.cache_max_entries)
     if client is None:
         tokens = TokenCache(store, settings.access_levels, **cache_options)  # type: ignore[arg-type]
         return Core(
@@ -130,6 +140,7 @@ def _assemble(
             changes=LocalTokenChanges(tokens),
             metrics=metrics,
             counts=store,
+            limiter=TokenLimiter(local=local_limits, clock=seconds),
             clock=clock,
         )
     shared_tokens = RedisTokens(
@@ -151,6 +162,13 @@ def _assemble(
         changes=changes,
         metrics=metrics,
         counts=usage,
+        limiter=TokenLimiter(
+            local=local_limits,
+            shared=RedisLimiter(
+                client, local_limits, key_prefix=settings.redis_key_prefix, outage=shared_tokens.outage
+            ),
+            clock=seconds,
+        ),
         shared=SharedCache(
             client=client,
             tokens=shared_tokens,

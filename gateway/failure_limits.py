@@ -93,13 +93,11 @@ class FailureLimits:
         self._tokens = FailureWindows(per_token, window, clock=clock)
         self._failed: OrderedDict[bytes, tuple[str, str | None]] = OrderedDict()
         self._remembered = remembered_failures
-        self.throttled = 0
 
     def check(self, source: str, token_id: str) -> None:
         """Raise 429 when this source or this token has failed too often in the current window."""
         waits = [wait for wait in (self._sources.retry_after(source), self._tokens.retry_after(token_id)) if wait]
         if waits:
-            self.throttled += 1
             raise too_many_failures(max(waits), "Too many wrong secrets from this address or for this token")
 
     def known_wrong(self, digest: bytes, hashes: tuple[str, str | None]) -> bool:

@@ -273,8 +273,11 @@ class UpstreamForwarder:
         query as the client sent it. A canonical path has no dot segment, so it never leaves the base path."""
         return self._base_path + target.path + target.query
 
-    async def forward(self, request: HttpRequest, target: str, head: bytes, *, max_body: int) -> None:
-        """Send `request` upstream as `target` (from `upstream_target`) with `head`, and relay the answer."""
+    async def forward(
+        self, request: HttpRequest, target: str, head: bytes, *, max_body: int, response_headers: bytes = b""
+    ) -> None:
+        """Send `request` upstream as `target` (from `upstream_target`) with `head`, and relay the answer, with
+        `response_headers` (the gateway's own lines, such as RateLimit) added to it."""
         guard: _BodyGuard | None = None
         body: AsyncIterator[bytes] | bytes | None = None
         if request.body is not None:
@@ -321,15 +324,16 @@ class UpstreamForwarder:
         ):
             arrived = upstream.complete_body()  # a small answer has usually arrived with its head
             if arrived is not None:
-                request.respond(upstream.status, _reason(upstream), _response_headers(upstream), arrived)
+                headers = _response_headers(upstream) + response_headers
+                request.respond(upstream.status, _reason(upstream), headers, arrived)
                 return
         try:
-            await self._respond(request, upstream)
+            await self._respond(request, upstream, response_headers)
         finally:
             upstream.close()  # returns a fully read connection to the pool; discards a half-read one
 
-    async def _respond(self, request: HttpRequest, upstream: UpstreamResponse) -> None:
-        headers = _response_headers(upstream)
+    async def _respond(self, request: HttpRequest, upstream: UpstreamResponse, extra: bytes) -> None:
+        headers = _response_headers(upstream) + extra
         status = upstream.status
         length = upstream.content_length
         bodiless = request.method == "HEAD" or status in BODILESS_STATUSES

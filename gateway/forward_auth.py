@@ -18,6 +18,10 @@ The proxy in front forwards the client's own headers to the upstream, so the gat
 an upstream would read as the method or the path (X-HTTP-Method-Override, X-Original-URL, SCRIPT_NAME...):
 an auth request that carries one, other than the convention's own, is refused with 400 `override_header`.
 
+A token's rate limit and quota are counted here as on the proxy port (after the decision, so a refused
+request uses none of them): 429 `rate_limited` / `quota_exceeded` with Retry-After and the RateLimit fields,
+and an allowed answer carries RateLimit-Policy and RateLimit for the proxy to copy to its client if it wants.
+
 The auth request carries no body, so a POST is judged as if it had one (with body_method_override on), and
 a level's max_body_bytes is the operator's proxy to enforce.
 """
@@ -63,6 +67,7 @@ class ForwardAuthHandler:
     def __init__(self, core: Core, decider: Decider) -> None:
         settings = core.settings
         self._usage = core.usage
+        self._limiter = core.limiter
         self._decider = decider
         self._names = CONVENTIONS[settings.forward_auth_convention]
         self._prefix = settings.forward_auth_path_prefix.encode("ascii")
@@ -79,10 +84,21 @@ class ForwardAuthHandler:
         except GatewayError as refusal:
             self._usage.refused(token.record.id, refusal.code)
             raise
-        self._usage.record(token.record.id, caller.client_ip)
+        record = token.record
+        if record.rate_limit is not None or record.quota is not None:
+            try:
+                limit_headers = await self._limiter.admit(record)
+            except GatewayError as refusal:
+                self._usage.refused(record.id, refusal.code)
+                raise
+        else:
+            limit_headers = b""
+        self._usage.record(record.id, caller.client_ip)
         if token.memo_previous is not None and presented_previous(token, caller.identified.digest):
-            self._usage.previous_secret_used(token.record, caller.client_ip)
-        request.respond(200, b"OK", _ALLOWED_HEAD + gateway_headers(token.record.id, token.record.access_level), b"")
+            self._usage.previous_secret_used(record, caller.client_ip)
+        request.respond(
+            200, b"OK", _ALLOWED_HEAD + gateway_headers(record.id, record.access_level) + limit_headers, b""
+        )
 
     def _read(self, request: HttpRequest) -> tuple[str | None, list[str], str, bytes]:
         """The Authorization value, the X-Forwarded-For values, and the original method and target."""

@@ -1,4 +1,5 @@
-"""Readiness: whether this process can do its work (the store answers, and Redis too when configured).
+"""Readiness: whether this process can do its work (the store answers, and Redis too when configured), and
+with Redis, where rate limits are counted ("shared", or "per process (redis unavailable)").
 
 The admin API reports it at /readyz; the proxy port answers it, without credentials, at `proxy_health_path`
 for load balancers. That path is matched exactly against the request's normalised path and never forwarded:
@@ -36,6 +37,10 @@ async def readiness(core: Core) -> tuple[bool, dict[str, str]]:
             checks["redis"] = "ok"
         except Exception:
             checks["redis"] = "unavailable"
+        # Where tokens' rate limits and quotas are counted: in Redis by every replica together, or by each
+        # process on its own while Redis does not answer (each replica then admits a whole budget).
+        shared = checks["redis"] == "ok" and core.limiter.mode == "shared"
+        checks["rate_limits"] = "shared" if shared else "per process (redis unavailable)"
     ready = checks["store"] == "ok" and checks["redis"] in ("ok", "not configured")
     return ready, checks
 

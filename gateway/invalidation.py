@@ -58,7 +58,6 @@ class InvalidationListener:
                     self._tokens.distrust_for(self._distrust)
                     self._tokens.outage.recovered()
                     log.info("token change channel reconnected; cached tokens will be refreshed")
-                first = False
                 self.subscriptions += 1
                 self.connected.set()
                 backoff = 0.05
@@ -78,7 +77,7 @@ class InvalidationListener:
                     error, "cached tokens are trusted for at most the cache ttl; reconnecting to its change channel"
                 )
                 self.connected.clear()
-                first = False
+                first = False  # a subscription ends here (or by cancellation): the next one is a reconnect
                 await asyncio.sleep(backoff)
                 backoff = min(self._max_backoff, backoff * 2)
             finally:

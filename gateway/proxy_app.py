@@ -2,7 +2,8 @@
 
 credentials (credentials.py) -> token and secret (authenticator.py) -> client address (client_ip.py) ->
 allowed ranges (ranges.py) -> the target's one reading (request_target.py) -> access level (access_levels.py)
--> usage (usage.py) -> upstream (forward.py), which is sent the path that was judged
+-> the token's rate limit and quota (ratelimits/) -> usage (usage.py) -> upstream (forward.py), which is sent
+the path that was judged
 
 The port is served by http_server.py; this module is the handler it runs, and the aiohttp Application that
 holds the plane's lifecycle (the decider, the upstream pool, the usage writer, the token-change listener).
@@ -56,6 +57,7 @@ class ProxyHandler:
     ) -> None:
         self._tunnels = tunnels
         self._usage = core.usage
+        self._limiter = core.limiter
         self._decider = decider
         self._forwarder = forwarder
         self._proto = b"http" if core.settings.proxy_tls_cert is None else b"https"
@@ -100,6 +102,16 @@ class ProxyHandler:
         if request.body is not None and not decision.body_allowed:
             self._usage.count(token_id, Outcome.REFUSED_LEVEL)
             raise body_method_refused(token)
+        record = token.record
+        # Only now, with the secret, the address and the level all accepted, may a request use up a budget.
+        if record.rate_limit is None and record.quota is None:
+            limit_headers = b""
+        else:
+            try:
+                limit_headers = await self._limiter.admit(record)
+            except GatewayError as refusal:
+                self._usage.refused(token_id, refusal.code)  # rate_limited, quota_exceeded
+                raise
         self._usage.record(token_id, caller.client_ip)
         if token.memo_previous is not None and presented_previous(token, caller.identified.digest):
             self._usage.previous_secret_used(token.record, caller.client_ip)
@@ -108,7 +120,11 @@ class ProxyHandler:
             await self._tunnels.relay(request, decision.upstream_target, decision.upstream_head, token_id, grant)
             return
         await self._forwarder.forward(
-            request, decision.upstream_target, decision.upstream_head, max_body=decision.max_body
+            request,
+            decision.upstream_target,
+            decision.upstream_head,
+            max_body=decision.max_body,
+            response_headers=limit_headers,
         )
 
     async def still_allowed(self, tunnel: Tunnel) -> bool:

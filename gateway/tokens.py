@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.ratelimits.policy import Quota, RateLimit, quota_from_json, rate_limit_from_json
+
 _RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
 )
@@ -68,6 +70,8 @@ class TokenRecord:
     previous_secret_hash: str | None = field(default=None, repr=False)
     previous_secret_expires_at: datetime | None = None
     version: int = 1
+    rate_limit: RateLimit | None = None  # None: unlimited
+    quota: Quota | None = None  # None: unlimited
 
     def view(self) -> dict[str, Any]:
         """What the admin API shows: everything but the hashes."""
@@ -85,6 +89,8 @@ class TokenRecord:
             "last_used_ip": self.last_used_ip,
             "previous_secret_expires_at": format_time(self.previous_secret_expires_at),
             "version": self.version,
+            "rate_limit": None if self.rate_limit is None else self.rate_limit.view(),
+            "quota": None if self.quota is None else self.quota.view(),
         }
 
 
@@ -141,4 +147,7 @@ def record_from_json(data: dict[str, Any]) -> TokenRecord:
         previous_secret_hash=data["previous_secret_hash"],
         previous_secret_expires_at=parse_stored_time(data["previous_secret_expires_at"]),
         version=data["version"],
+        # Entries cached by an older gateway have neither: unlimited until the entry is refreshed.
+        rate_limit=rate_limit_from_json(data.get("rate_limit")),
+        quota=quota_from_json(data.get("quota")),
     )

@@ -18,12 +18,19 @@ const controls = {
   access_level: $("tf-level"),
   allowed_ip_ranges: $("tf-ranges"),
   expires_at: $("tf-expires"),
+  rate_limit: $("tf-rate"),
+  quota: $("tf-quota"),
 };
+const rateSeconds = $("tf-rate-seconds");
+const rateBurst = $("tf-rate-burst");
+const quotaPeriod = $("tf-quota-period");
 const errors = {
   name: $("tf-name-error"),
   access_level: $("tf-level-error"),
   allowed_ip_ranges: $("tf-ranges-error"),
   expires_at: $("tf-expires-error"),
+  rate_limit: $("tf-rate-error"),
+  quota: $("tf-quota-error"),
 };
 const levelHint = $("tf-level-hint");
 const suggest = $("tf-ranges-suggest");
@@ -99,7 +106,43 @@ function values() {
     access_level: controls.access_level.value,
     allowed_ip_ranges: controls.allowed_ip_ranges.value,
     expires_at: controls.expires_at.value,
+    rate_limit: [controls.rate_limit.value, rateSeconds.value, rateBurst.value].map((v) => v.trim()).join("/"),
+    quota: controls.quota.value.trim() ? `${controls.quota.value.trim()}/${quotaPeriod.value}` : "",
   };
+}
+
+// A whole number from 1 up, "" for an empty input, or null for anything else.
+function count(text) {
+  const value = text.trim();
+  if (value === "") return "";
+  return /^[0-9]{1,10}$/.test(value) && Number(value) >= 1 ? Number(value) : null;
+}
+
+// The rate_limit to send: null for none, undefined (with the error shown) when the inputs do not make one.
+function readRateLimit() {
+  const requests = count(controls.rate_limit.value);
+  const seconds = count(rateSeconds.value);
+  const burst = count(rateBurst.value);
+  if (requests === "" && seconds === "" && burst === "") return null;
+  if (requests === null || seconds === null || burst === null) {
+    showError("rate_limit", "Enter whole numbers from 1 up.");
+    return undefined;
+  }
+  if (requests === "" || seconds === "") {
+    showError("rate_limit", "Enter both the number of requests and the seconds, or leave all three empty.");
+    return undefined;
+  }
+  return { requests, per_seconds: seconds, burst: burst === "" ? null : burst };
+}
+
+function readQuota() {
+  const requests = count(controls.quota.value);
+  if (requests === "") return null;
+  if (requests === null) {
+    showError("quota", "Enter a whole number from 1 up, or leave it empty.");
+    return undefined;
+  }
+  return { requests, period: quotaPeriod.value };
 }
 
 function fill(token) {
@@ -107,6 +150,13 @@ function fill(token) {
   controls.access_level.value = token ? token.access_level : "";
   controls.allowed_ip_ranges.value = token ? token.allowed_ip_ranges.join("\n") : "";
   controls.expires_at.value = token ? toLocalInput(token.expires_at) : "";
+  const rate = token ? token.rate_limit : null;
+  controls.rate_limit.value = rate ? String(rate.requests) : "";
+  rateSeconds.value = rate ? String(rate.per_seconds) : "";
+  rateBurst.value = rate && rate.burst !== null ? String(rate.burst) : "";
+  const quota = token ? token.quota : null;
+  controls.quota.value = quota ? String(quota.requests) : "";
+  quotaPeriod.value = quota ? quota.period : "day";
   showLevelHint();
   initial = values();
 }
@@ -177,12 +227,18 @@ function readForm() {
     showError("expires_at", "Choose a time in the future.");
     valid = false;
   }
+  const rateLimit = readRateLimit();
+  if (rateLimit === undefined) valid = false;
+  const quota = readQuota();
+  if (quota === undefined) valid = false;
   if (!valid) return null;
   const body = {
     name: current.name,
     access_level: current.access_level,
     allowed_ip_ranges: readRanges(current.allowed_ip_ranges).ranges,
     expires_at: expiresAt,
+    rate_limit: rateLimit,
+    quota,
   };
   if (!editing) return body;
   // An edit sends only what changed: an unchanged expiry that has passed meanwhile must not be refused.
@@ -209,9 +265,11 @@ form.addEventListener("submit", async (event) => {
     saved(record);
     if (!editing) showToken(record.token, { heading: "API token created", focusAfter: returnFocus });
   } catch (failure) {
-    if (failure instanceof ApiError && failure.field && failure.field in controls) {
-      showError(failure.field, failure.message);
-      controls[failure.field].focus();
+    // "rate_limit.per_seconds" is shown at the rate limit's inputs.
+    const field = failure instanceof ApiError && failure.field ? failure.field.split(".")[0] : null;
+    if (field && field in controls) {
+      showError(field, failure.message);
+      controls[field].focus();
     } else {
       formError.textContent = failure.message;
       formError.hidden = false;
@@ -228,6 +286,10 @@ controls.access_level.addEventListener("change", () => {
 });
 controls.name.addEventListener("input", () => clearError("name"));
 controls.expires_at.addEventListener("input", () => clearError("expires_at"));
+for (const input of [controls.rate_limit, rateSeconds, rateBurst]) {
+  input.addEventListener("input", () => clearError("rate_limit"));
+}
+controls.quota.addEventListener("input", () => clearError("quota"));
 setUpDialog(dialog);
 
 export function showToken(token, { heading, focusAfter }) {

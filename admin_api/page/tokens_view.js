@@ -200,6 +200,16 @@ function nameCell(token) {
   return [link, text("span", "sub mono", token.id)];
 }
 
+// "100 / 60 s · 10000 / day" under the access level; nothing for a token without limits.
+function limitsText(token) {
+  const parts = [];
+  const rate = token.rate_limit;
+  if (rate) parts.push(`${rate.requests} / ${rate.per_seconds} s${rate.burst !== null ? ` (burst ${rate.burst})` : ""}`);
+  const quota = token.quota;
+  if (quota) parts.push(quota.period === "total" ? `${quota.requests} in total` : `${quota.requests} / ${quota.period}`);
+  return parts.join(" · ");
+}
+
 function row(token) {
   const tr = document.createElement("tr");
   tr.dataset.tokenId = token.id;
@@ -207,7 +217,7 @@ function row(token) {
   level.title = token.access_level;
   tr.append(
     cell("Name", ...nameCell(token)),
-    cell("Access level", level),
+    cell("Access level", level, ...(limitsText(token) ? [text("span", "sub limits", limitsText(token))] : [])),
     cell("Allowed IP ranges", ...rangesCell(token.allowed_ip_ranges)),
     cell("Status", ...statusCell(token)),
     cell("Created", timeElement(token.created_at, shortDate(token.created_at))),

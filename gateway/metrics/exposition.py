@@ -130,6 +130,21 @@ async def render(core: Core) -> str:
     text.sample("gateway_dependency_up", int(checks["store"] == "ok"), [("dependency", "store")])
     if core.shared is not None:
         text.sample("gateway_dependency_up", int(checks["redis"] == "ok"), [("dependency", "redis")])
+    limiter = core.limiter
+    text.family(
+        "gateway_rate_limit_per_process",
+        "gauge",
+        "1 while rate limits and quotas are counted by this process alone because Redis does not answer.",
+    )
+    text.sample("gateway_rate_limit_per_process", int(limiter.shared is not None and limiter.shared.degraded))
+    if limiter.shared is not None:
+        text.family(
+            "gateway_rate_limit_checks_total",
+            "counter",
+            "Checks of limited tokens: counted in Redis, or by this process while Redis did not answer.",
+        )
+        text.sample("gateway_rate_limit_checks_total", limiter.shared.redis_checks, [("counted", "redis")])
+        text.sample("gateway_rate_limit_checks_total", limiter.shared.fallback_checks, [("counted", "process")])
     undelivered = 0
     if core.shared is not None and checks["store"] == "ok":
         undelivered = len(await core.store.pending_changes(limit=UNDELIVERED_LIMIT))

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from gateway.background import raise_if_cancelling
+from gateway.ratelimits.policy import quota_from_json, rate_limit_from_json
 from gateway.request_counts import (
     RECENT_ADDRESSES,
     AddressUses,
@@ -94,6 +95,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
     ),
     (
+        # JSON objects as the admin API shows them; NULL is unlimited.
+        "ALTER TABLE tokens ADD COLUMN rate_limit JSONB",
+        "ALTER TABLE tokens ADD COLUMN quota JSONB",
+    ),
+    (
         """CREATE TABLE request_counts (
             token_id TEXT NOT NULL,
             bucket_start BIGINT NOT NULL,
@@ -135,7 +141,7 @@ MIGRATION_TIMEOUT = 3600.0  # seconds the client waits for one migration stateme
 _COLUMN_NAMES = (
     "id", "name", "access_level", "allowed_ip_ranges", "status", "expires_at", "created_at", "updated_at",
     "rotated_at", "last_used_at", "last_used_ip", "secret_hash", "previous_secret_hash",
-    "previous_secret_expires_at", "version",
+    "previous_secret_expires_at", "version", "rate_limit", "quota",
 )
 _TOKEN_COLUMNS = ", ".join(_COLUMN_NAMES)
 # What an admin change may write. Usage columns are written behind by the proxy, never from a stale read.
@@ -174,7 +180,13 @@ def _token_row(record: TokenRecord) -> tuple[Any, ...]:
         record.previous_secret_hash,
         record.previous_secret_expires_at,
         record.version,
+        None if record.rate_limit is None else json.dumps(record.rate_limit.view()),
+        None if record.quota is None else json.dumps(record.quota.view()),
     )
+
+
+def _json_column(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
 
 
 def _token_from_row(row: asyncpg.Record) -> TokenRecord:
@@ -194,6 +206,8 @@ def _token_from_row(row: asyncpg.Record) -> TokenRecord:
         previous_secret_hash=row["previous_secret_hash"],
         previous_secret_expires_at=row["previous_secret_expires_at"],
         version=row["version"],
+        rate_limit=rate_limit_from_json(_json_column(row["rate_limit"])),
+        quota=quota_from_json(_json_column(row["quota"])),
     )
 
 

@@ -94,6 +94,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
     ),
     (
+        # JSON objects as the admin API shows them ({"requests": 100, "per_seconds": 60, "burst": null},
+        # {"requests": 1000, "period": "day"}); NULL is unlimited.
+        "ALTER TABLE tokens ADD COLUMN rate_limit TEXT",
+        "ALTER TABLE tokens ADD COLUMN quota TEXT",
+    ),
+    (
         """CREATE TABLE request_counts (
             token_id TEXT NOT NULL,
             bucket_start INTEGER NOT NULL,
@@ -124,7 +130,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 _COLUMN_NAMES = (
     "id", "name", "access_level", "allowed_ip_ranges", "status", "expires_at", "created_at", "updated_at",
     "rotated_at", "last_used_at", "last_used_ip", "secret_hash", "previous_secret_hash",
-    "previous_secret_expires_at", "version",
+    "previous_secret_expires_at", "version", "rate_limit", "quota",
 )
 _TOKEN_COLUMNS = ", ".join(_COLUMN_NAMES)
 # What an admin change may write. Usage columns are written behind by the proxy, never from a stale read.
@@ -153,12 +159,25 @@ def _token_row(record: TokenRecord) -> tuple[Any, ...]:
         record.previous_secret_hash,
         format_time(record.previous_secret_expires_at),
         record.version,
+        None if record.rate_limit is None else json.dumps(record.rate_limit.view()),
+        None if record.quota is None else json.dumps(record.quota.view()),
     )
 
 
+def _json_column(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
 def _token_from_row(row: sqlite3.Row) -> TokenRecord:
-    """A row holds the record's JSON form, with its ranges as a JSON text column."""
-    return record_from_json({**dict(row), "allowed_ip_ranges": json.loads(row["allowed_ip_ranges"])})
+    """A row holds the record's JSON form, with its ranges and limits as JSON text columns."""
+    return record_from_json(
+        {
+            **dict(row),
+            "allowed_ip_ranges": json.loads(row["allowed_ip_ranges"]),
+            "rate_limit": _json_column(row["rate_limit"]),
+            "quota": _json_column(row["quota"]),
+        }
+    )
 
 
 def _event_from_row(row: sqlite3.Row) -> AuditEvent:

@@ -247,6 +247,8 @@ async def test_audit_of_create_records_the_initial_settings(gateway: Gateway) ->
         "access_level": "editorial",
         "allowed_ip_ranges": ["10.0.0.0/8"],
         "expires_at": "2099-01-01T00:00:00.000000Z",
+        "rate_limit": None,
+        "quota": None,
     }
 
 

@@ -578,3 +578,46 @@ async def test_edit_form_offers_the_recent_addresses_as_allowed_ranges(
     refused = await gateway.call(created["token"], headers={"X-Forwarded-For": "10.1.2.4"})
     assert (refused.status, (await refused.json())["code"]) == (403, "ip_not_allowed")
     tab.assert_quiet_and_local(ADMIN_KEY, created["token"])
+
+
+async def test_form_sets_edits_and_clears_a_rate_limit_and_quota(gateway: Gateway, browser: Browser) -> None:
+    tab = await open_tab(browser, gateway)
+    page = tab.page
+    await sign_in(tab, ADMIN_KEY)
+    await page.get_by_role("button", name="Create API token").click()
+    form = page.get_by_role("dialog", name="Create API token")
+    await form.get_by_label("Name").fill("Limited")
+    await form.get_by_label("Access level").select_option("read_only")
+    await form.get_by_label("Rate limit: requests").fill("100")
+    await form.get_by_role("button", name="Create", exact=True).click()
+    requests = form.get_by_label("Rate limit: requests")
+    await expect(requests).to_have_attribute("aria-invalid", "true")
+    await expect(requests).to_have_accessible_description(re.compile("Enter both the number of requests"))
+
+    await form.get_by_label("Rate limit: seconds").fill("60")
+    await form.get_by_label("Rate limit: burst").fill("10")
+    await form.get_by_label("Quota: requests").fill("5000")
+    await form.get_by_label("Quota: period").select_option("month")
+    await form.get_by_role("button", name="Create", exact=True).click()
+    await shown_token(tab)
+    token = await token_named(gateway, "Limited")
+    assert token["rate_limit"] == {"requests": 100, "per_seconds": 60, "burst": 10}
+    assert token["quota"] == {"requests": 5000, "period": "month"}
+    await expect(page.get_by_role("row", name=re.compile("Limited"))).to_contain_text("100 / 60 s (burst 10)")
+
+    await tab.open_menu_item("Limited", "Edit")
+    edit = page.get_by_role("dialog", name="Edit API token")
+    await expect(edit.get_by_label("Rate limit: burst")).to_have_value("10")
+    await edit.get_by_label("Rate limit: requests").fill("")
+    await edit.get_by_label("Rate limit: seconds").fill("")
+    await edit.get_by_label("Rate limit: burst").fill("")
+    await edit.get_by_label("Quota: requests").fill("0")
+    await edit.get_by_role("button", name="Save").click()
+    await expect(edit.get_by_label("Quota: requests")).to_have_accessible_description(re.compile("whole number"))
+    await edit.get_by_label("Quota: requests").fill("7")
+    await edit.get_by_label("Quota: period").select_option("total")
+    await edit.get_by_role("button", name="Save").click()
+    await expect(edit).to_be_hidden()
+    token = await token_named(gateway, "Limited")
+    assert token["rate_limit"] is None and token["quota"] == {"requests": 7, "period": "total"}
+    tab.assert_quiet_and_local(ADMIN_KEY)

@@ -27,6 +27,8 @@ VIEW_FIELDS = {
     "allowed_ip_ranges",
     "status",
     "expires_at",
+    "rate_limit",
+    "quota",
     "created_at",
     "updated_at",
     "rotated_at",

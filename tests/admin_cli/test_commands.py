@@ -179,6 +179,8 @@ def test_create_json_is_the_admin_apis_answer_with_the_token(gateway: Gateway) -
         "last_used_ip",
         "previous_secret_expires_at",
         "version",
+        "rate_limit",
+        "quota",
         "recent_addresses",
         "token",
     }
@@ -279,6 +281,26 @@ def test_edit_sets_and_clears_fields_named_after_the_json(gateway: Gateway) -> N
     assert nothing.code == USAGE and "nothing to change" in nothing.err
     both = cli(gateway, "tokens", "edit", token_id, "--expires-at", FUTURE, "--clear-expires-at")
     assert both.code == USAGE and "not allowed with" in both.err
+
+
+def test_rate_limit_and_quota_flags_set_change_and_clear_the_json_fields(gateway: Gateway) -> None:
+    created = _create(gateway, "limited", "--rate-limit", "100/1m", "--burst", "10", "--quota", "5000/day")
+    assert created["rate_limit"] == {"requests": 100, "per_seconds": 60, "burst": 10}
+    assert created["quota"] == {"requests": 5000, "period": "day"}
+    shown = cli(gateway, "tokens", "show", created["id"])
+    assert "100/60s burst 10" in shown.out and "5000/day" in shown.out
+
+    edited = cli(gateway, "tokens", "edit", created["id"], "--rate-limit", "7/2s", "--quota", "9/total", "--json")
+    assert edited.json()["rate_limit"] == {"requests": 7, "per_seconds": 2, "burst": None}
+    assert edited.json()["quota"] == {"requests": 9, "period": "total"}
+    cleared = cli(gateway, "tokens", "edit", created["id"], "--clear-rate-limit", "--clear-quota", "--json").json()
+    assert (cleared["rate_limit"], cleared["quota"]) == (None, None)
+
+    assert cli(gateway, "tokens", "edit", created["id"], "--rate-limit", "100").code == USAGE
+    assert cli(gateway, "tokens", "edit", created["id"], "--quota", "5/week").code == USAGE
+    assert cli(gateway, "tokens", "edit", created["id"], "--burst", "5").code == USAGE
+    zero = cli(gateway, "tokens", "edit", created["id"], "--rate-limit", "0/60s")
+    assert zero.code == REFUSED and "400 invalid_rate_limit" in zero.err and "rate_limit.requests" in zero.err
 
 
 def test_rotate_shows_the_new_token_once_and_the_old_one_stops(gateway: Gateway) -> None:

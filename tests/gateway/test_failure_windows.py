@@ -92,3 +92,83 @@ def test_the_least_recently_failed_key_is_dropped_first_when_the_windows_are_ful
         windows.add(key)
 
     assert [windows.retry_after(key) is not None for key in ("a", "b", "c")] == [True, False, True]
+
+
+def test_the_429_says_how_long_to_wait_in_whole_seconds_and_at_least_one() -> None:
+    clock = Clock()
+    limits = FailureLimits(per_source=1, per_token=1000, window=60, clock=clock)
+    _fail(limits, 1)
+    clock.now += 59.8
+
+    with pytest.raises(GatewayError) as refused:
+        limits.check("192.0.2.1", "tok")
+    assert (refused.value.status, refused.value.code) == (429, "too_many_failures")
+    assert refused.value.headers == {"Retry-After": "1"}
+    assert str(refused.value) == "Too many wrong secrets from this address or for this token; retry in 1 s."
+
+
+def test_a_failure_at_the_very_end_of_a_window_starts_a_new_one() -> None:
+    clock = Clock()
+    windows = FailureWindows(2, 60, clock=clock)
+    windows.add("192.0.2.1")
+    clock.now += 60
+    windows.add("192.0.2.1")
+    assert windows.retry_after("192.0.2.1") is None  # one failure in the new window
+
+    clock.now += 1
+    windows.add("192.0.2.1")
+    assert windows.retry_after("192.0.2.1") == pytest.approx(59)
+
+
+def test_the_default_limits_are_those_of_the_default_settings() -> None:
+    clock = Clock()
+    limits = FailureLimits(clock=clock)
+    _fail(limits, 19)
+    assert _retry_after(limits) is None
+    _fail(limits, 1, token_id="second")
+    assert _retry_after(limits) == 60  # 20 per address in 60 s
+
+    _fail(limits, 99, source="198.51.100.1", token_id="busy")
+    assert _retry_after(limits, source="203.0.113.1", token_id="busy") is None
+    _fail(limits, 1, source="198.51.100.2", token_id="busy")
+    assert _retry_after(limits, source="203.0.113.1", token_id="busy") == 60  # 100 per token
+
+
+def test_at_most_100_000_keys_are_counted_by_default() -> None:
+    windows = FailureWindows(1, 60, clock=Clock())
+    for n in range(100_001):
+        windows.add(str(n))
+
+    assert windows.retry_after("0") is None
+    assert windows.retry_after("1") is not None
+
+
+def test_a_secret_remembered_as_wrong_is_known_wrong_against_the_same_hashes_only() -> None:
+    limits = FailureLimits(remembered_failures=2)
+    limits.remember_wrong(b"first", HASHES)
+    limits.record_failure("192.0.2.1", "tok", b"second", HASHES)
+
+    assert limits.known_wrong(b"first", HASHES) and limits.known_wrong(b"second", HASHES)
+    assert not limits.known_wrong(b"first", ("$argon2id$rotated", None))
+    assert _retry_after(FailureLimits(per_source=1)) is None  # remembering alone counts nothing
+
+
+def test_the_secret_remembered_longest_ago_is_forgotten_first() -> None:
+    limits = FailureLimits(remembered_failures=2)
+    limits.remember_wrong(b"a", HASHES)
+    limits.remember_wrong(b"b", HASHES)
+    limits.remember_wrong(b"a", HASHES)  # a is now the most recent
+    limits.remember_wrong(b"c", HASHES)
+    assert [limits.known_wrong(digest, HASHES) for digest in (b"a", b"b", b"c")] == [True, False, True]
+
+    limits.record_failure("192.0.2.1", "tok", b"d", HASHES)
+    assert [limits.known_wrong(digest, HASHES) for digest in (b"a", b"c", b"d")] == [False, True, True]
+
+
+def test_at_most_100_000_wrong_secrets_are_remembered_by_default() -> None:
+    limits = FailureLimits()
+    for n in range(100_001):
+        limits.remember_wrong(n.to_bytes(4, "big"), HASHES)
+
+    assert not limits.known_wrong((0).to_bytes(4, "big"), HASHES)
+    assert limits.known_wrong((1).to_bytes(4, "big"), HASHES)

@@ -105,7 +105,12 @@ async def test_health_path_answers_503_while_redis_is_down_and_200_once_it_is_ba
 
     await eventually(lambda: reports(503, "unavailable"))
     body = await (await gateway.call(None, "/.gateway/health")).json()
-    assert body == {"status": "unavailable", "store": "ok", "redis": "unavailable"}
+    assert body == {
+        "status": "unavailable",
+        "store": "ok",
+        "redis": "unavailable",
+        "rate_limits": "per process (redis unavailable)",
+    }
     own_redis.start()
     await eventually(lambda: reports(200, "ok"), attempts=1500)
 

@@ -1,0 +1,228 @@
+"""Are per-token limits exact across replicas, and what do they cost?
+
+Starts a real redis-server, one `gateway admin` and two `gateway proxy` processes (the setup of
+propagation.py), then:
+
+1. Accuracy: for each multiple k (default 2, 5, 10), a fresh token limited to N requests per W seconds is
+   driven through both replicas, alternately, at k times its rate for `--duration` seconds (open loop: a
+   request every 1 / (k N / W) seconds, whatever the answers). GCRA admits the burst (N) plus one request per
+   W / N seconds of the run, so the expected count is N + span x N / W, span being the time from the first
+   to the last request sent. A quota (N in total) driven the same way must admit exactly N.
+2. Cost: wrk (c=32, 2 threads) against one replica with an unlimited token, then with a token limited to
+   100 000 per second (never refused, so every request runs the Redis script); requests per second of both,
+   `--rounds` times, median.
+
+    .venv/bin/python bench/ratelimit.py [--requests 100] [--window 10] [--multiples 2 5 10] [--duration 20]
+                                        [--cost-seconds 10] [--rounds 3] [--out bench/results/ratelimit.md]
+
+Run it on a quiet machine (the figures in the README come from there); `--duration 2 --cost-seconds 2
+--rounds 1` is a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from load import wrk, wrk_script
+from propagation import ADMIN_KEY, Bench
+
+
+async def admin_call(
+    session: aiohttp.ClientSession, bench: Bench, method: str, path: str, body: object
+) -> dict:  # type: ignore[type-arg]
+    url = f"http://127.0.0.1:{bench.admin_port}{path}"
+    async with session.request(
+        method, url, json=body, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ) as reply:
+        assert reply.status < 300, await reply.text()
+        return dict(await reply.json())
+
+
+async def drive(
+    session: aiohttp.ClientSession, ports: list[int], token: str, rate: float, seconds: float, settle: float
+) -> tuple[int, int, int, float]:
+    """Open-loop traffic at `rate` per second over both replicas, after one request per replica and `settle`
+    seconds: (admitted, refused with 429, other answers, seconds from the first open-loop request to the
+    last)."""
+    counts = {"ok": 0, "limited": 0, "other": 0}
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def one(port: int) -> None:
+        try:
+            async with session.get(f"http://127.0.0.1:{port}/api/bench", headers=headers) as reply:
+                await reply.read()
+                key = "ok" if reply.status == 200 else "limited" if reply.status == 429 else "other"
+        except aiohttp.ClientError:
+            key = "other"
+        counts[key] += 1
+
+    # One request per replica first: a token's first use costs argon2 on each. Then wait until the budget is
+    # whole again, so that the open loop starts from exactly `burst` requests.
+    for port in ports:
+        await one(port)
+    await asyncio.sleep(settle)
+    tasks = []
+    total = max(1, int(rate * seconds))
+    started = time.perf_counter()
+    last = started
+    for n in range(total):
+        delay = started + n / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        last = time.perf_counter()
+        tasks.append(asyncio.ensure_future(one(ports[n % len(ports)])))
+    await asyncio.gather(*tasks)
+    return counts["ok"], counts["limited"], counts["other"], last - started
+
+
+async def accuracy(bench: Bench, arguments: argparse.Namespace) -> list[str]:
+    rows = [
+        "| limit | driven at | sent | admitted | expected | admitted / expected | other answers |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    requests, window = arguments.requests, arguments.window
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        for multiple in arguments.multiples:
+            created = await admin_call(
+                session,
+                bench,
+                "POST",
+                "/v1/tokens",
+                {
+                    "name": f"bench x{multiple}",
+                    "access_level": "read_only",
+                    "rate_limit": {"requests": requests, "per_seconds": window},
+                },
+            )
+            rate = multiple * requests / window
+            ok, limited, other, span = await drive(
+                session, bench.proxy_ports, str(created["token"]), rate, arguments.duration, settle=window
+            )
+            sent = ok + limited + other
+            warm = len(bench.proxy_ports)
+            expected = min(sent, warm + requests + span * requests / window)
+            rows.append(
+                f"| {requests} / {window} s | x{multiple:g} ({rate:g}/s) | {sent} | {ok} |"
+                f" {expected:.1f} | {ok / expected:.2%} | {other} |"
+            )
+        created = await admin_call(
+            session,
+            bench,
+            "POST",
+            "/v1/tokens",
+            {
+                "name": "bench quota",
+                "access_level": "read_only",
+                "quota": {"requests": requests, "period": "total"},
+            },
+        )
+        ok, limited, other, _ = await drive(
+            session, bench.proxy_ports, str(created["token"]), 10 * requests / window, arguments.duration, 0
+        )
+        rows.append(
+            f"| {requests} in total (quota) | x10 | {ok + limited + other} | {ok} | {requests} |"
+            f" {ok / requests:.2%} | {other} |"
+        )
+    return rows
+
+
+async def cost(bench: Bench, arguments: argparse.Namespace, workdir: Path) -> list[str]:
+    wrk_binary = shutil.which("wrk")
+    if wrk_binary is None:
+        return ["wrk is not installed (bench/run installs it): no cost figures."]
+    async with aiohttp.ClientSession() as session:
+        plain = await admin_call(
+            session, bench, "POST", "/v1/tokens", {"name": "unlimited", "access_level": "read_only"}
+        )
+        limited = await admin_call(
+            session,
+            bench,
+            "POST",
+            "/v1/tokens",
+            {
+                "name": "limited",
+                "access_level": "read_only",
+                "rate_limit": {"requests": 100_000, "per_seconds": 1},
+            },
+        )
+    url = f"http://127.0.0.1:{bench.proxy_ports[0]}/api/bench"
+    log = workdir / "wrk.log"
+    rates: dict[str, list[float]] = {"unlimited": [], "limited": []}
+    for _ in range(arguments.rounds):
+        for name, created in (("unlimited", plain), ("limited", limited)):
+            script = wrk_script(workdir, name, f"Bearer {created['token']}")
+            await wrk(wrk_binary, url, script, 32, 2, log)  # warm-up: connections, the argon2 memo
+            rates[name].append((await wrk(wrk_binary, url, script, 32, arguments.cost_seconds, log)).rate)
+    unlimited, limited_rate = statistics.median(rates["unlimited"]), statistics.median(rates["limited"])
+    return [
+        "| token | requests/s (median of rounds) | rounds |",
+        "|---|---:|---|",
+        f"| unlimited | {unlimited:,.0f} | {', '.join(f'{r:,.0f}' for r in rates['unlimited'])} |",
+        (
+            f"| rate_limit 100000/1s (one EVALSHA per request) | {limited_rate:,.0f} |"
+            f" {', '.join(f'{r:,.0f}' for r in rates['limited'])} |"
+        ),
+        "",
+        f"Limited against unlimited: {limited_rate / unlimited - 1:+.1%} requests per second.",
+    ]
+
+
+async def run(arguments: argparse.Namespace) -> str:
+    with tempfile.TemporaryDirectory(prefix="gateway-ratelimit-") as directory:
+        bench = Bench(Path(directory))
+        try:
+            await bench.start()
+            rows = await accuracy(bench, arguments)
+            costs = await cost(bench, arguments, Path(directory))
+        finally:
+            bench.stop()
+    return "\n".join(
+        [
+            "# Per-token limits across two replicas",
+            "",
+            (
+                f"`{' '.join(['bench/ratelimit.py', *sys.argv[1:]])}` on {platform.node()}, Python"
+                f" {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
+            ),
+            "",
+            "## Accuracy (two `gateway proxy` processes, one Redis)",
+            "",
+            *rows,
+            "",
+            "## Cost with Redis (wrk -t2 -c32 against one replica)",
+            "",
+            *costs,
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=100, help="N: the limit's requests (default 100)")
+    parser.add_argument("--window", type=int, default=10, help="W: its per_seconds (default 10)")
+    parser.add_argument("--multiples", type=float, nargs="+", default=[2, 5, 10])
+    parser.add_argument("--duration", type=float, default=20, help="seconds of traffic per multiple")
+    parser.add_argument("--cost-seconds", type=float, default=10, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ratelimit.md"))
+    arguments = parser.parse_args()
+    report = asyncio.run(run(arguments))
+    print(report)
+    Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(arguments.out).write_text(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""A proxy's change listener on a real Redis: what a message does to the token it names and to the propagation
+histogram, and a subscription made only once Redis answers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from pytest_aiohttp import AiohttpClient
+
+from gateway.metrics.listener import create_metrics_app
+from tests.conftest import Gateway, GatewayFactory, eventually
+from tests.gateway.test_metrics import Samples, parse, value
+from tests.redis_server import RedisServer
+
+REDIS_HITS = {"layer": "redis", "result": "hit"}
+
+
+async def _publish(proxy: Gateway, message: str) -> None:
+    assert proxy.core.shared is not None
+    listener = proxy.core.shared.listener
+    heard = listener.messages
+    await proxy.core.shared.client.publish(proxy.core.shared.tokens.keys.changes_channel, message)
+
+    async def received() -> bool:
+        return listener.messages == heard + 1
+
+    await eventually(received)
+
+
+async def test_a_change_message_refreshes_its_token_and_records_the_lag_from_its_commit_time(
+    start_gateway: GatewayFactory, redis_url: str, aiohttp_client: AiohttpClient
+) -> None:
+    admin = await start_gateway(planes=("admin",), redis_url=redis_url, cache_ttl=60)
+    proxy = await start_gateway(planes=("proxy",), redis_url=redis_url, cache_ttl=60)
+    scraper = await aiohttp_client(create_metrics_app(proxy.core, None))
+
+    async def samples() -> Samples:
+        response = await scraper.get("/metrics")
+        assert response.status == 200
+        return parse(await response.text())
+
+    created = await admin.create_token()
+
+    async def creation_heard() -> bool:
+        return value(await samples(), "gateway_change_propagation_seconds_count") == 1
+
+    await eventually(creation_heard)
+    assert (await proxy.call(created["token"])).status == 200
+    assert (await proxy.call(created["token"])).status == 200  # from memory: one Redis read in all
+    before = await samples()
+    assert value(before, "gateway_token_lookups_total", **REDIS_HITS) == 1
+
+    await _publish(proxy, f"{created['id']} {time.time() - 5:.6f}")  # committed 5 s ago
+    assert (await proxy.call(created["token"])).status == 200
+    lagged = await samples()
+    assert value(lagged, "gateway_token_lookups_total", **REDIS_HITS) == 2  # the message made it read again
+    assert value(lagged, "gateway_change_propagation_seconds_count") == 2
+    lag = value(lagged, "gateway_change_propagation_seconds_sum") - value(before, "gateway_change_propagation_seconds_sum")
+    assert 5 <= lag < 60
+
+    # A commit clock ahead of this host's counts as no lag; a time that is no number, or none, as no sample.
+    await _publish(proxy, f"{created['id']} {time.time() + 30:.6f}")
+    ahead = await samples()
+    assert value(ahead, "gateway_change_propagation_seconds_count") == 3
+    assert value(ahead, "gateway_change_propagation_seconds_sum") == value(lagged, "gateway_change_propagation_seconds_sum")
+    for message in (f"{created['id']} soon", created["id"]):
+        await _publish(proxy, message)
+    assert (await proxy.call(created["token"])).status == 200
+    after = await samples()
+    assert value(after, "gateway_change_propagation_seconds_count") == 3
+    assert value(after, "gateway_token_lookups_total", **REDIS_HITS) == 3
+
+
+async def test_a_proxy_started_while_redis_is_down_subscribes_once_it_answers(
+    start_gateway: GatewayFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
+    server = RedisServer(tmp_path / "redis")  # not started yet
+    starting = asyncio.ensure_future(start_gateway(planes=("proxy",), redis_url=server.url, cache_ttl=60))
+    try:
+        async def refused() -> bool:
+            return any("reconnecting to its change channel" in record.getMessage() for record in caplog.records)
+
+        await eventually(refused)
+        server.start()
+        proxy = await asyncio.wait_for(starting, timeout=15)
+        messages = [record.getMessage() for record in caplog.records if record.name == "gateway.invalidation"]
+        assert "token change channel reconnected; cached tokens will be refreshed" in messages
+
+        admin = await start_gateway(planes=("admin",), redis_url=server.url, cache_ttl=60)
+        created = await admin.create_token()
+        assert (await proxy.call(created["token"])).status == 200
+        await admin.admin_call("POST", f"/v1/tokens/{created['id']}/disable")
+
+        async def disabled() -> bool:
+            response = await proxy.call(created["token"])
+            return response.status == 401 and (await response.json())["code"] == "token_disabled"
+
+        await eventually(disabled)
+    finally:
+        starting.cancel()
+        server.kill()
