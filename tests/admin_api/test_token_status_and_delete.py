@@ -72,6 +72,24 @@ async def test_disable_twice_is_one_change(gateway: Gateway) -> None:
     assert await audit_actions(gateway, created["id"]) == ["token.disable", "token.create"]
 
 
+@pytest.mark.parametrize("action", ["disable", "enable", "rotate"])
+async def test_each_status_change_and_rotation_is_a_new_version_an_old_edit_cannot_overwrite(
+    gateway: Gateway, action: str
+) -> None:
+    created = await gateway.create_token()
+    if action == "enable":
+        await gateway.admin_call("POST", f"/v1/tokens/{created['id']}/disable")
+    status, read = await gateway.admin_call("GET", f"/v1/tokens/{created['id']}")
+    assert status == 200
+
+    status, changed = await gateway.admin_call("POST", f"/v1/tokens/{created['id']}/{action}")
+    assert status == 200 and changed["version"] == read["version"] + 1
+    status, body = await gateway.admin_call(
+        "PATCH", f"/v1/tokens/{created['id']}", json={"name": "stale edit", "version": read["version"]}
+    )
+    assert status == 409 and body["code"] == "conflict"
+
+
 async def test_enable_of_an_enabled_token_is_no_change(gateway: Gateway) -> None:
     created = await gateway.create_token()
     before = await token_view(gateway, created["id"])
