@@ -39,17 +39,23 @@ def _ip(*arguments: str) -> None:
 
 
 def namespaces_available() -> bool:
+    """Whether this machine lets us make what Hosts makes: a namespace, a bridge, a veth pair into it."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         return False
     probe = f"gwprobe{secrets.token_hex(3)}"
+    steps = (
+        ("netns", "add", probe),
+        ("link", "add", f"{probe}b", "type", "bridge"),
+        ("link", "add", f"{probe}v", "type", "veth", "peer", "name", "eth0", "netns", probe),
+    )
     try:
-        _ip("netns", "add", probe)
+        for step in steps:
+            _ip(*step)
     except (subprocess.CalledProcessError, OSError):
         return False
-    try:
-        _ip("netns", "del", probe)
-    except subprocess.CalledProcessError:
-        pass
+    finally:
+        for cleanup in (("link", "del", f"{probe}b"), ("link", "del", f"{probe}v"), ("netns", "del", probe)):
+            subprocess.run(["ip", *cleanup], capture_output=True, timeout=30, check=False)
     return True
 
 
