@@ -47,8 +47,8 @@ _JSON = (
 _JSON_ADMIN = _JSON.replace('"token_id"', '"admin_key_id"')
 # Bytes a path may hold as they are: printable ASCII but the quote and the backslash.
 _PLAIN = bytes(byte for byte in range(0x21, 0x7F) if byte not in b'"\\')
-PATH_MEMO_SIZE = 4096  # targets remembered with their logged path: API clients repeat theirs
-PATH_MEMO_LONGEST = 512  # bytes of the longest target remembered (bounds the memo's memory)
+PATH_MEMO_SIZE = 4096  # paths remembered with their logged form: API clients repeat theirs
+PATH_MEMO_LONGEST = 512  # bytes of the longest path remembered (bounds the memo's memory)
 
 
 def _escape(path: bytes) -> str:
@@ -124,14 +124,13 @@ class AccessLog:
         second = int(now)
         if second != self._second:
             self._new_second(second)
-        path = self._paths.get(target) or self._path(target)
+        raw_path = target.partition(b"?")[0]
+        path = self._paths.get(raw_path) or self._path(raw_path)
         lines = self._lines
+        # %d truncates a float as int() would, without the call.
         lines.append(
             _TEXT
-            % (
-                self._stamp, int((now - second) * 1000), client or "-", method, path, status, length, token_id,
-                int(elapsed * 1_000_000),
-            )
+            % (self._stamp, (now - second) * 1000, client or "-", method, path, status, length, token_id, elapsed * 1e6)
         )
         if len(lines) >= self._max_lines:
             self.flush()
@@ -145,13 +144,14 @@ class AccessLog:
         second = int(now)
         if second != self._second:
             self._new_second(second)
-        path = self._paths.get(target) or self._path(target)
+        raw_path = target.partition(b"?")[0]
+        path = self._paths.get(raw_path) or self._path(raw_path)
         lines = self._lines
         lines.append(
             _JSON
             % (
-                self._stamp, int((now - second) * 1000), f'"{client}"' if client else "null", method, path,
-                status, length, f'"{token_id}"' if token_id != "-" else "null", int(elapsed * 1_000_000),
+                self._stamp, (now - second) * 1000, f'"{client}"' if client else "null", method, path,
+                status, length, f'"{token_id}"' if token_id != "-" else "null", elapsed * 1e6,
             )
         )
         if len(lines) >= self._max_lines:
@@ -186,15 +186,16 @@ class AccessLog:
             )
         self._append(line)
 
-    def _path(self, target: bytes) -> str:
-        """The logged path of a target not seen lately, remembered (bounded: cleared when full)."""
-        path = _json_path(target) if self._json else path_for_log(target)
-        if len(target) > PATH_MEMO_LONGEST:
-            return path
+    def _path(self, path: bytes) -> str:
+        """The logged form of a path (a target without its query) not seen lately, remembered (bounded:
+        cleared when full). Keyed by the path alone, so a client varying its query string hits it too."""
+        logged = _json_path(path) if self._json else path_for_log(path)
+        if len(path) > PATH_MEMO_LONGEST:
+            return logged
         if len(self._paths) >= PATH_MEMO_SIZE:
             self._paths.clear()
-        self._paths[target] = path
-        return path
+        self._paths[path] = logged
+        return logged
 
     def _new_second(self, second: int) -> None:
         self._second = second

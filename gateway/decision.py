@@ -143,6 +143,17 @@ class Decider:
             raise body_method_refused(token)
         return Verdict(read, max_body, body_allowed)
 
+    def with_query(self, verdict: Verdict, target: bytes) -> Verdict:
+        """`judge`'s answer on `target` (with body=False, canonical_only=False), given its `verdict` on a target
+        with the same path for the same token, method and client: what `judge` reads from the query is read
+        again (control characters, a method override, a fragment), in the same order; the rest holds."""
+        if _NOT_IN_TARGET.search(target):
+            raise GatewayError(
+                400, "invalid_request_target", "The request target contains a space or a control character."
+            )
+        refuse_method_override(target)
+        return verdict._replace(target=read_target(target))
+
 
 def body_method_refused(token: CachedToken) -> GatewayError:
     return GatewayError(

@@ -61,7 +61,9 @@ class HealthProbe:
         path = target.partition(b"?")[0]
         if path == self.path:
             return True
-        if b"%" not in path and b"/." not in path and b"//" not in path:
+        # `find`, not `in`: on Python 3.11 `bytes in bytes` first tries the operand as an integer, raising and
+        # clearing a TypeError each time (1.8k instructions, against 0.1k).
+        if path.find(b"%") < 0 and path.find(b"/.") < 0 and path.find(b"//") < 0:
             return False  # nothing to decode or resolve: the path is its own canonical form
         try:
             return canonical_path(path.decode("latin-1")).encode("latin-1") == self.path

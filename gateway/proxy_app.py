@@ -20,7 +20,7 @@ from aiohttp import web
 from gateway.authenticator import Authenticator, presented_previous
 from gateway.background import background_task
 from gateway.core import Core, core_key
-from gateway.decision import Caller, Decider, body_method_refused, check_target, credential_headers
+from gateway.decision import Caller, Decider, Verdict, body_method_refused, check_target, credential_headers
 from gateway.failure_limits import FailureLimits
 from gateway.forward import (
     UpstreamForwarder,
@@ -66,19 +66,22 @@ class ProxyHandler:
 
     async def __call__(self, request: HttpRequest) -> None:
         target = request.target
-        check_target(target)
-        if self._health is not None and self._health.matches(target):
-            await _answer_health(request, self._health)
-            return
         seen = request.connection_state
+        decision = seen.decision if isinstance(seen, _SeenHeaders) else None
+        if decision is None or decision.target != target:
+            # A target this connection had allowed is a path and not the health path: both were checked then.
+            check_target(target)
+            if self._health is not None and self._health.matches(target):
+                await _answer_health(request, self._health)
+                return
         if not isinstance(seen, _SeenHeaders) or seen.headers != request.headers:
             seen = request.connection_state = self._read_headers(request)
+            decision = None
         caller = seen.caller
         request.client = seen.client_text
         decider = self._decider
         token = decider.accept_known(caller.identified) or await decider.authenticate(caller)
         token_id = request.token_id = token.record.id
-        decision = seen.decision
         if (
             decision is None
             or decision.token is not token
@@ -88,15 +91,10 @@ class ProxyHandler:
             # Entries are replaced, never changed, when a token changes: the same entry, method and target get
             # the same answer (the entry's own checks, enabled and expiry, ran above).
             try:
-                verdict = decider.judge(token, request.method, target, caller.client_ip, body=False)
+                decision = seen.decision = self._decide(request, token, seen, decision)
             except GatewayError as refusal:
                 self._usage.refused(token_id, refusal.code)
                 raise
-            head = seen.upstream_head + gateway_headers(token_id, token.record.access_level)
-            upstream_target = self._forwarder.upstream_target(verdict.target)
-            decision = seen.decision = _Decision(
-                token, request.method, target, upstream_target, head, verdict.max_body, verdict.body_allowed
-            )
         if request.content_length is not None and request.content_length > decision.max_body:
             raise body_too_large(decision.max_body)
         if request.body is not None and not decision.body_allowed:
@@ -143,6 +141,28 @@ class ProxyHandler:
             undecided = error.status == 429 or error.status >= 500
             return undecided and self._decider.still_accepts(grant.token, grant.caller.identified)
         return True
+
+    def _decide(
+        self, request: HttpRequest, token: CachedToken, seen: _SeenHeaders, last: _Decision | None
+    ) -> _Decision:
+        """The decision on this request. Only its query is judged when the last one differed from it in the
+        query alone (`Decider.with_query`): clients vary the query far more often than the path."""
+        method, target = request.method, request.target
+        if (
+            last is not None
+            and last.token is token
+            and last.method == method
+            and target.partition(b"?")[0] == last.target.partition(b"?")[0]
+        ):
+            verdict = self._decider.with_query(last.verdict, target)
+            head = last.upstream_head
+        else:
+            verdict = self._decider.judge(token, method, target, seen.caller.client_ip, body=False)
+            head = seen.upstream_head + gateway_headers(token.record.id, token.record.access_level)
+        upstream_target = self._forwarder.upstream_target(verdict.target)
+        return _Decision(
+            token, method, target, verdict, upstream_target, head, verdict.max_body, verdict.body_allowed
+        )
 
     def _read_headers(self, request: HttpRequest) -> _SeenHeaders:
         authorization, forwarded_for = credential_headers(request.headers)
@@ -191,6 +211,7 @@ class _Decision(NamedTuple):
     token: CachedToken
     method: str
     target: bytes
+    verdict: Verdict
     upstream_target: str
     upstream_head: bytes
     max_body: int

@@ -127,21 +127,30 @@ def _judged(path: str) -> str:
 
 
 @functools.lru_cache(maxsize=16384)
-def _read(target: bytes) -> RequestTarget | str:
-    """The target read, or the code of its refusal (cached as a code: a cached exception would grow a traceback
-    each time it is raised)."""
-    if not target.startswith(b"/"):
-        return "invalid_request_target"
-    if b"#" in target:
+def read_path(path: bytes) -> tuple[str, str] | str:
+    """The canonical and the judged reading of a target's path (the part before any '?'), or the code of its
+    refusal (cached as a code: a cached exception would grow a traceback each time it is raised). Cached by the
+    path alone: a client varying the query string reuses its path's reading rather than evicting others."""
+    if b"#" in path:
         return "fragment_in_target"
-    path, mark, query = target.partition(b"?")
     try:
         # The proxy's parser admits only printable ASCII; a byte beyond it would be escaped as itself.
         canonical = canonical_path(path.decode("latin-1"))
-        judged = _judged(canonical)
+        return canonical, _judged(canonical)
     except TargetRefused as refusal:
         return refusal.code
-    return RequestTarget(canonical, judged, (mark + query).decode("utf-8", "surrogateescape"))
+
+
+def _read(target: bytes) -> RequestTarget | str:
+    if not target.startswith(b"/"):
+        return "invalid_request_target"
+    path, mark, query = target.partition(b"?")
+    if query.find(b"#") >= 0:
+        return "fragment_in_target"
+    read = read_path(path)
+    if isinstance(read, str):
+        return read
+    return RequestTarget(read[0], read[1], (mark + query).decode("utf-8", "surrogateescape"))
 
 
 def read_target(target: bytes) -> RequestTarget:

@@ -133,6 +133,20 @@ async def test_lines_are_written_in_batches_not_one_write_per_request(gateway: G
     assert gateway.access_log is not None and gateway.access_log.writes < 20
 
 
+async def test_a_path_is_escaped_once_whatever_query_follows_it(tmp_path: Path) -> None:
+    """The logged form of a path is remembered by the path alone: a client varying its query string does not
+    fill the memo with one entry per target."""
+    fd = os.open(tmp_path / "access.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    access_log = AccessLog(fd, name="access.log", owns_fd=True)
+    for page in range(50):
+        access_log.request("192.0.2.1", "-", "GET", b"/api/posts?page=%d" % page, 200, 0, 0.0)
+    access_log.request("192.0.2.1", "-", "GET", b"/api/posts", 200, 0, 0.0)
+    assert len(access_log._paths) == 1
+    access_log.close()
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    assert len(lines) == 51 and all('"GET /api/posts" 200 0 token=- 0us' in line for line in lines)
+
+
 async def test_a_failing_write_is_logged_once_and_again_when_writing_works(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -577,3 +577,38 @@ async def test_request_trailers_just_under_the_limit_are_accepted(
     status, _, body = await client.response()
 
     assert status == 200 and json.loads(body) == {"sha256": hashlib.sha256(b"hello").hexdigest(), "size": 5}
+
+
+async def test_a_connection_varying_only_the_query_gets_each_query_judged_and_forwarded_as_sent(
+    gateway: Gateway, connect: object, upstream: Upstream
+) -> None:
+    """The remembered decision is reused for the same path with another query string, but the query is still
+    read every time: a method override in it is refused, and each one reaches the upstream exactly."""
+    token = (await gateway.create_token(access_level="read_only"))["token"]
+    client = await connect()  # type: ignore[operator]
+
+    async def ask(target: str) -> tuple[int, str]:
+        await client.send(_get(target, token))
+        status, _, body = await client.response()
+        return status, json.loads(body).get("code", "") if status >= 400 else json.loads(body)["raw_path"]
+
+    assert await ask("/api/posts?page=1") == (200, "/api/posts?page=1")
+    assert await ask("/api/posts?page=2") == (200, "/api/posts?page=2")
+    assert await ask("/api/posts?_method=DELETE") == (400, "method_override")
+    assert await ask("/api/posts?x=%5F%6Dethod") == (200, "/api/posts?x=%5F%6Dethod")
+    assert await ask("/api/posts?%5F%6Dethod=PUT") == (400, "method_override")
+    assert await ask("/api/posts") == (200, "/api/posts")
+    assert await ask("/api/./posts?page=3") == (200, "/api/posts?page=3")
+
+
+async def test_the_health_path_is_answered_on_a_connection_that_was_just_forwarding(
+    gateway: Gateway, connect: object, upstream: Upstream
+) -> None:
+    token = (await gateway.create_token(access_level="read_only"))["token"]
+    client = await connect()  # type: ignore[operator]
+    for target in ("/api/posts", "/.gateway/health", "/api/posts", "/api/../%2Egateway/health"):
+        await client.send(_get(target, token))
+        status, headers, body = await client.response()
+        assert status == 200, (target, body)
+        assert ("status" in json.loads(body)) == target.endswith("health"), target
+    assert [request["raw_path"] for request in upstream.requests[-2:]] == ["/api/posts", "/api/posts"]

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.problems import GatewayError
-from gateway.request_target import REFUSALS, RequestTarget, read_target
+from gateway.request_target import REFUSALS, RequestTarget, read_path, read_target
 from tests.conftest import Gateway, Upstream, send_raw
 
 
@@ -88,10 +88,24 @@ def test_every_refusal_code_is_tested() -> None:
     assert {code for code, _ in REFUSED} == set(REFUSALS)
 
 
-def test_the_same_target_is_read_once() -> None:
-    target = b"/api/posts/%7e1/./x?y"
-    first = read_target(target)
-    assert read_target(bytes(target)) is first
+def test_a_path_is_read_once_whatever_query_follows_it() -> None:
+    """The path's reading is cached by the path alone: a client varying its query string (a cache buster, a
+    page number) reuses it rather than filling the cache with one entry per target."""
+    read_path.cache_clear()
+    first = read_target(b"/api/posts/%7e1/./x?page=1")
+    second = read_target(b"/api/posts/%7e1/./x?page=2")
+    third = read_target(b"/api/posts/%7e1/./x")
+    assert (first.path, first.judged, first.query) == ("/api/posts/~1/x", "/api/posts/~1/x", "?page=1")
+    assert (second.path, second.query, third.query) == (first.path, "?page=2", "")
+    info = read_path.cache_info()
+    assert (info.misses, info.hits, info.currsize) == (1, 2, 1)
+
+
+def test_a_fragment_in_the_query_is_refused_even_when_the_path_was_read_before() -> None:
+    read_target(b"/api/posts?a=1")
+    with pytest.raises(GatewayError) as refused:
+        read_target(b"/api/posts?a=1#x")
+    assert refused.value.code == "fragment_in_target"
 
 
 PIECES = ["/", "//", ".", "..", "%2e", "%2E", "%2e%2e", ".%2e", "%2f", "%2F", "%5c", "\\", "%25", "%252e", "%",
