@@ -64,9 +64,18 @@ def _parse(buffer: bytes, start: int) -> tuple[Any, int]:
 
 
 class PipeProtocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    """The connection: commands out in one write per loop turn, replies matched to callers in order.
+
+    One timer per connection, not one per call, bounds the wait: it fires every `timeout` seconds while
+    anything waits, and a reply outstanding for longer fails the connection (a late reply would be matched to
+    the next caller)."""
+
+    def __init__(self, timeout: float = 0.5) -> None:
         self.transport: asyncio.Transport | None = None
         self.waiting: deque[asyncio.Future[Any]] = deque()
+        self._timeout = timeout
+        self._answered = 0  # replies matched so far
+        self._watched: int | None = None  # the reply count when the timer last looked, while any waits
         self._buffer = b""
         self._out: list[bytes] = []
         self._flush_scheduled = False
@@ -76,13 +85,26 @@ class PipeProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def send(self, data: bytes) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self.waiting.append(future)
         self._out.append(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
+        if self._watched is None:
+            self._watched = self._answered
+            loop.call_later(self._timeout, self._watch)
         return future
+
+    def _watch(self) -> None:
+        if self.lost or not self.waiting:
+            self._watched = None
+        elif self._answered == self._watched:  # nothing answered for a whole `timeout`
+            self.fail(TimeoutError("Redis did not answer in time"))
+        else:
+            self._watched = self._answered
+            asyncio.get_running_loop().call_later(self._timeout, self._watch)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -99,6 +121,7 @@ class PipeProtocol(asyncio.Protocol):
                 if not self.waiting:
                     raise ConnectionError("a reply from Redis that nothing asked for")
                 future = self.waiting.popleft()
+                self._answered += 1
                 if not future.done():
                     future.set_result(value)
         except _Incomplete:
@@ -115,6 +138,7 @@ class PipeProtocol(asyncio.Protocol):
 
     def fail(self, error: Exception) -> None:
         self.lost = True
+        self._watched = None
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
@@ -141,6 +165,7 @@ class ScriptPipe:
     ) -> None:
         self._script = script.encode()
         self.sha = hashlib.sha1(self._script).hexdigest()
+        self._evalsha_head = b"$7\r\nEVALSHA\r\n$40\r\n" + self.sha.encode() + b"\r\n"
         self._address = (host, port)
         self._path = path
         self._username = username
@@ -160,7 +185,7 @@ class ScriptPipe:
         protocol = self._protocol
         if protocol is None or protocol.lost:
             protocol = await self._connected()
-        reply = await self._ask(protocol, command(b"EVALSHA", self.sha, len(keys), *keys, *arguments))
+        reply = await protocol.send(self._evalsha(keys, arguments))
         if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
             reply = await self._ask(protocol, command(b"EVAL", self._script, len(keys), *keys, *arguments))
         if isinstance(reply, ReplyError):
@@ -168,12 +193,17 @@ class ScriptPipe:
         return reply
 
     async def _ask(self, protocol: PipeProtocol, data: bytes) -> Any:
-        try:
-            return await asyncio.wait_for(protocol.send(data), self._timeout)
-        except TimeoutError:
-            # A late reply would be matched to the next caller: this connection cannot be used any more.
-            protocol.fail(ConnectionError("Redis did not answer in time"))
-            raise
+        return await protocol.send(data)
+
+    def _evalsha(self, keys: Sequence[str], arguments: Sequence[str | int]) -> bytes:
+        """`EVALSHA sha numkeys keys... arguments...` in RESP, from a prefix built once."""
+        parts = [str(part).encode() for part in (*keys, *arguments)]
+        return (
+            b"*%d\r\n" % (3 + len(parts))
+            + self._evalsha_head
+            + b"$%d\r\n%d\r\n" % (len(str(len(keys))), len(keys))
+            + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
+        )
 
     async def _connected(self) -> PipeProtocol:
         if self._connecting is None or self._connecting.done():
@@ -183,9 +213,9 @@ class ScriptPipe:
     async def _connect(self) -> PipeProtocol:
         loop = asyncio.get_running_loop()
         if self._path is not None:
-            connecting = loop.create_unix_connection(PipeProtocol, self._path)
+            connecting = loop.create_unix_connection(lambda: PipeProtocol(self._timeout), self._path)
         else:
-            connecting = loop.create_connection(PipeProtocol, *self._address)
+            connecting = loop.create_connection(lambda: PipeProtocol(self._timeout), *self._address)
         _, protocol = await asyncio.wait_for(connecting, self._timeout)
         try:
             if self._password is not None:
