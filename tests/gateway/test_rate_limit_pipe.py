@@ -4,11 +4,12 @@ database named in the URL, a script cache emptied under it, and many requests in
 from __future__ import annotations
 
 import asyncio
+import signal
+from pathlib import Path
 
 import redis.asyncio as redis
 
 from gateway.ratelimits.pipe import PipeProtocol
-
 from tests.conftest import GatewayFactory
 from tests.redis_server import RedisServer
 
@@ -71,3 +72,24 @@ async def test_replies_split_anywhere_across_reads_reach_their_callers_in_order(
         protocol.data_received(replies[cut:])
         assert [caller.result() for caller in callers[:2]] == [[0, 42, b"17.5", 3, b"0"], [0, 41, b"17.5", 3, b"0"]]
         assert str(callers[2].result()) == "NOSCRIPT No matching script."
+
+
+async def test_a_redis_that_stops_answering_falls_back_within_the_timeout(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        gateway = await start_gateway(redis_url=server.url)
+        token = (await gateway.create_token(quota={"requests": 5, "period": "total"}))["token"]
+        assert (await gateway.call(token)).status == 200
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)  # connected, but silent: no reset, no refusal
+        try:
+            response = await asyncio.wait_for(gateway.call(token), timeout=30)
+            assert response.status == 200 and response.headers["RateLimit"] == '"quota";r=4'  # counted locally
+            assert gateway.core.limiter.mode == "per process (redis unavailable)"
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+    finally:
+        server.kill()
