@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     helps = {
         "serve": "run the proxy and the admin API in one process",
-        "proxy": "run the proxy only (with GATEWAY_REDIS_URL, beside a separate admin process)",
-        "admin": "run the admin API only (with GATEWAY_REDIS_URL, beside separate proxy processes)",
+        "proxy": "run the proxy only (with PostgreSQL or GATEWAY_REDIS_URL, beside a separate admin process)",
+        "admin": "run the admin API only (with PostgreSQL or GATEWAY_REDIS_URL, beside separate proxy processes)",
         "migrate": "create or upgrade the store's schema to this version's, then exit",
     }
     for command, text in helps.items():
@@ -392,10 +392,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = load_settings(config_path=arguments.config, overrides=overrides)
         if "proxy" in planes and settings.forward_auth_listen is None:
             settings.require_upstream()
-        if arguments.command in ("proxy", "admin") and settings.redis_url is None:
+        separate = arguments.command in ("proxy", "admin")
+        if separate and settings.redis_url is None and settings.postgres_url is None:
             raise SettingsError(
-                f"'gateway {arguments.command}' runs beside other gateway processes, which only hear of token"
-                " changes through Redis: set GATEWAY_REDIS_URL, or run 'gateway serve' for one process"
+                f"'gateway {arguments.command}' runs beside other gateway processes, which hear of token changes"
+                " on a SQLite store only through Redis: set GATEWAY_REDIS_URL, use PostgreSQL"
+                " (GATEWAY_DATABASE_URL=postgresql://...), or run 'gateway serve' for one process"
             )
         if not 1 <= workers <= 64:
             raise SettingsError("--workers must be between 1 and 64")

@@ -1,8 +1,8 @@
 """The core both planes share in one process: settings, store, hasher, token cache, usage and change delivery.
 
 Only the composition root (the command line, or a test) opens it; the proxy and the admin API receive it.
-Without Redis everything lives in this process; with Redis the token cache is layered (process -> Redis ->
-store) and changes travel through Redis to every process.
+Without Redis the token cache lives in this process (on PostgreSQL, other processes' changes arrive by the
+store's NOTIFY); with Redis it is layered (process -> Redis -> store) and changes also travel through Redis.
 """
 
 from __future__ import annotations
@@ -129,6 +129,10 @@ def _assemble(
     seconds: Callable[[], float] = time.time if clock is utc_now else lambda: clock().timestamp()
     local_limits = LocalLimiter(max_entries=settings.cache_max_entries)
     if client is None:
+        # Entries are trusted until a change says otherwise: alone on SQLite every change is written through
+        # here; on PostgreSQL other processes' changes come by NOTIFY, on a connection checked every second
+        # and followed by a full refresh when it returns. With the store down, no token can change, so known
+        # tokens keep working from here.
         tokens = TokenCache(store, settings.access_levels, **cache_options)  # type: ignore[arg-type]
         return Core(
             settings=settings,

@@ -238,24 +238,33 @@ async def test_sigterm_drains_in_flight_requests_then_exits_0(serve: Serve, upst
 
 
 @pytest.mark.parametrize("command", ["proxy", "admin"])
-async def test_separate_planes_without_redis_refuse_to_start(tmp_path: Path, command: str) -> None:
+async def test_separate_planes_on_sqlite_without_redis_refuse_to_start(tmp_path: Path, command: str) -> None:
     code, stderr = await _run_to_exit(tmp_path, command, GATEWAY_UPSTREAM="http://127.0.0.1:9")
     assert code == 2
     assert "GATEWAY_REDIS_URL" in stderr and stderr.strip().count("\n") == 0
 
 
-async def test_admin_process_and_two_proxy_workers_share_redis_and_the_store(
-    tmp_path: Path, upstream: Upstream, redis_url: str
+@pytest.mark.parametrize("store_backend", ["sqlite", "postgresql"], indirect=True)
+async def test_admin_process_and_two_proxy_workers_share_the_store_and_hear_of_changes(
+    tmp_path: Path, upstream: Upstream, store_backend: str, database_url: str, request: pytest.FixtureRequest
 ) -> None:
+    """SQLite needs Redis to carry changes; PostgreSQL alone tells both workers by NOTIFY (without Redis a
+    cached token is never refreshed otherwise)."""
     admin_key = "cli-test-admin-key-0123456789"
     proxy_port, admin_port = _free_port(), _free_port()
+    if store_backend == "sqlite":
+        store: dict[str, str] = {"GATEWAY_REDIS_URL": request.getfixturevalue("redis_url")}
+    else:
+        store = {"GATEWAY_DATABASE_URL": database_url}
+        code, stderr = await _run_to_exit(tmp_path, "migrate", **store)
+        assert code == 0, stderr
     environment = _environment(
         tmp_path,
         GATEWAY_UPSTREAM=upstream.url,
-        GATEWAY_REDIS_URL=redis_url,
         GATEWAY_ADMIN_KEY=admin_key,
         GATEWAY_PROXY_LISTEN=f"127.0.0.1:{proxy_port}",
         GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{admin_port}",
+        **store,
     )
     admin = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "admin", env=environment)
     proxy = await asyncio.create_subprocess_exec(

@@ -108,3 +108,24 @@ async def test_a_change_whose_admin_never_reached_redis_is_delivered_by_a_proxy(
     response = await cold.call(created["token"])
     assert response.status == 401 and (await response.json())["code"] == "token_disabled"
     assert deliveries() > before  # by a replica: no admin process was up
+
+
+async def test_without_redis_two_replicas_hear_every_change_from_the_store_alone(start_gateway: GatewayFactory) -> None:
+    """No Redis was ever configured: each process has only its own cache, which nothing refreshes but the
+    store's NOTIFY."""
+    cluster = await start_cluster(start_gateway, None)
+    assert all(gateway.core.shared is None for gateway in (cluster.admin, *cluster.replicas))
+    created = await cluster.admin.create_token()
+    token, token_id = created["token"], created["id"]
+    assert await cluster.statuses(token) == [(200, None)] * 2
+
+    await cluster.admin.admin_call("POST", f"/v1/tokens/{token_id}/disable")
+    await cluster.until_all(token, (401, "token_disabled"))
+    await cluster.admin.admin_call("POST", f"/v1/tokens/{token_id}/enable")
+    await cluster.until_all(token, (200, None))
+    _, rotated = await cluster.admin.admin_call("POST", f"/v1/tokens/{token_id}/rotate")
+    await cluster.until_all(token, (401, "invalid_token"))
+    await cluster.until_all(rotated["token"], (200, None))
+    await cluster.admin.admin_call("DELETE", f"/v1/tokens/{token_id}")
+    await cluster.until_all(rotated["token"], (401, "invalid_token"))
+    assert all(replica.core.store_listener.notifications >= 4 for replica in cluster.replicas)  # type: ignore[union-attr]
