@@ -129,3 +129,28 @@ async def test_three_processes_starting_together_on_a_fresh_store_all_come_up(
         for process in processes:
             await process.wait()
     assert not any("already exists" in output for output in outputs), outputs
+
+
+@on_postgres
+async def test_listing_tokens_unused_since_can_read_an_index_rather_than_every_token(database_url: str) -> None:
+    """At a million tokens, a walk by seq that filters on last use reads every row when few match; the planner
+    needs an index on last use to choose instead. (SQLite's planner keeps its rowid walk for ORDER BY seq
+    LIMIT n whatever the indexes, so only PostgreSQL has one.)"""
+    code, stderr = await _run_to_exit(database_url, "migrate")
+    assert code == 0, stderr
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(
+            "INSERT INTO tokens (id, name, access_level, allowed_ip_ranges, status, created_at, updated_at,"
+            " last_used_at, secret_hash, version)"
+            " SELECT 'id' || i, 'n', 'read_only', '{}', 'enabled', now(), now(),"
+            " CASE WHEN i % 1000 = 0 THEN NULL ELSE now() END, 'hash', 1 FROM generate_series(1, 20000) i"
+        )
+        await connection.execute("ANALYZE tokens")
+        plan = await connection.fetchval(
+            "EXPLAIN (FORMAT JSON) SELECT seq FROM tokens"
+            " WHERE (last_used_at IS NULL OR last_used_at < now() - interval '1 day') ORDER BY seq DESC LIMIT 101"
+        )
+    finally:
+        await connection.close()
+    assert "tokens_last_used" in plan
