@@ -23,7 +23,7 @@ from gateway.metrics import Metrics
 from gateway.ratelimits.gcra import LocalLimiter
 from gateway.ratelimits.limiter import TokenLimiter
 from gateway.ratelimits.shared import RedisLimiter
-from gateway.redis_tokens import RedisTokens, RedisUsage, connect
+from gateway.redis_tokens import RedisTokens, RedisUsage, connect, disconnect
 from gateway.request_counts import CountReader
 from gateway.secrets import SecretHasher
 from gateway.settings import Settings
@@ -107,7 +107,7 @@ async def open_core(
         if client is not None:
             if core is not None:
                 await core.limiter.close()
-            await client.aclose()
+            await disconnect(client)
         hasher.close()
         await store.close()
 

@@ -13,10 +13,12 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
@@ -31,6 +33,7 @@ from gateway.request_counts import (
     PreviousUses,
     parse_outcome,
 )
+from gateway.sentinel_url import SENTINEL_SCHEME, parse_sentinel_url
 from gateway.store.base import TokenStore
 from gateway.tokens import TokenRecord, record_from_json, record_to_json
 
@@ -110,19 +113,43 @@ return all
 
 
 def connect(url: str, *, timeout: float = 0.5) -> redis.Redis:
-    """A client that fails fast instead of retrying: a slow Redis must not hold requests up."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=5,
+    """A client that fails fast instead of retrying: a slow Redis must not hold requests up. With a Sentinel
+    URL, a client of the service's current primary: each new connection asks the sentinels where it is, so
+    after a failover the next attempt reaches the promoted replica."""
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 5,
+    }
+    if urlsplit(url).scheme.lower() != SENTINEL_SCHEME:
+        return redis.Redis.from_url(url, **options)
+    target = parse_sentinel_url(url)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels),
+        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)},
     )
+    primary: redis.Redis = sentinel.master_for(
+        target.service, db=target.db, username=target.username, password=target.password, **options
+    )
+    return primary
+
+
+async def disconnect(client: redis.Redis) -> None:
+    """Close the client and, with Sentinel, its connections to the sentinels."""
+    await client.aclose()
+    if isinstance(client.connection_pool, SentinelConnectionPool):
+        await client.connection_pool.sentinel_manager.aclose()
 
 
 def redis_address(client: redis.Redis) -> str:
-    """Where the client connects (host:port or the socket path), never its password."""
-    options = client.connection_pool.connection_kwargs
+    """Where the client connects (host:port, the socket path, or the Sentinel service), never its password."""
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        where = (sentinel.connection_pool.connection_kwargs for sentinel in pool.sentinel_manager.sentinels)
+        hosts = ",".join(f"{options['host']}:{options['port']}" for options in where)
+        return f"service {pool.service_name!r} via sentinel {hosts}"
+    options = pool.connection_kwargs
     if "path" in options:
         return str(options["path"])
     return f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"

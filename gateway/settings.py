@@ -20,6 +20,7 @@ import netaddr
 from gateway.access_levels import RULE_CASES, AccessLevel, AccessLevelConfigError, parse_access_levels
 from gateway.request_target import TargetRefused, canonical_path
 from gateway.secrets import Argon2Parameters
+from gateway.sentinel_url import SENTINEL_SCHEME, parse_sentinel_url
 from gateway.token_format import PREFIX_PATTERN
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.toml")
@@ -278,8 +279,15 @@ def _as_secret(minimum_length: int) -> Callable[[Any], Secret]:
 
 def _as_redis_url(raw: Any) -> Secret:
     text = _as_str(raw).strip()
-    if urlsplit(text).scheme not in {"redis", "rediss", "unix"}:
-        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    scheme = urlsplit(text).scheme.lower()
+    if scheme == SENTINEL_SCHEME:
+        parse_sentinel_url(text)
+    elif scheme in {"redis+cluster", "rediss+cluster"}:
+        raise ValueError("Redis Cluster is not supported yet: use one Redis, or Sentinel (redis+sentinel://)")
+    elif scheme not in {"redis", "rediss", "unix"}:
+        raise ValueError(
+            "must be a redis://, rediss://, unix:// or redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE URL"
+        )
     return Secret(text)
 
 

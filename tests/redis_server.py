@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -26,9 +27,10 @@ class RedisServer:
         host: str = "127.0.0.1",
         wrapper: tuple[str, ...] = (),
         password: str | None = None,
+        replica_of: int | None = None,
     ) -> None:
         """`wrapper` prefixes the server's command (`ip netns exec NS` runs it on another namespace's host);
-        beyond loopback, Redis answers only with a `password`."""
+        beyond loopback, Redis answers only with a `password`. `replica_of` makes it a replica of that port."""
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError("redis-server is not installed: run scripts/test, which installs it")
@@ -38,6 +40,7 @@ class RedisServer:
         self.host = host
         self.wrapper = wrapper
         self.password = password
+        self.replica_of = replica_of
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,7 +60,8 @@ class RedisServer:
                 "--appendonly", "no",
                 "--dir", str(self.directory),
                 "--protected-mode", "yes",
-                *(("--requirepass", self.password) if self.password else ()),
+                *(("--requirepass", self.password, "--masterauth", self.password) if self.password else ()),
+                *(("--replicaof", "127.0.0.1", str(self.replica_of)) if self.replica_of else ()),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -85,3 +89,105 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait()
+
+
+SERVICE = "gateway-primary"
+
+
+class SentinelSet:
+    """A primary, one replica and `count` redis-sentinel processes watching them, quick to fail over: a primary
+    that does not answer for half a second is down, and a majority of the sentinels promotes the replica."""
+
+    def __init__(self, directory: Path, *, count: int = 3, password: str | None = None) -> None:
+        executable = shutil.which("redis-sentinel")
+        if executable is None:
+            raise RuntimeError("redis-sentinel is not installed: run scripts/test, which installs it")
+        self.executable = executable
+        self.directory = directory
+        self.password = password
+        self.primary = RedisServer(directory / "primary", password=password)
+        self.replica = RedisServer(directory / "replica", password=password, replica_of=self.primary.port)
+        self.ports = [free_port() for _ in range(count)]
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def url(self, *, extra_hosts: tuple[str, ...] = ()) -> str:
+        credentials = f":{self.password}@" if self.password else ""
+        hosts = ",".join([*extra_hosts, *(f"127.0.0.1:{port}" for port in self.ports)])
+        return f"redis+sentinel://{credentials}{hosts}/{SERVICE}/0"
+
+    def start(self) -> None:
+        self.primary.start()
+        self.replica.start()
+        _poll(lambda: self._info(self.replica.port).get("master_link_status") == "up", "the replica never synced")
+        quorum = len(self.ports) // 2 + 1
+        for port in self.ports:
+            directory = self.directory / f"sentinel-{port}"
+            directory.mkdir(parents=True)
+            config = directory / "sentinel.conf"  # sentinel rewrites its own config file: one each
+            config.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+                f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary.port} {quorum}\n"
+                f"sentinel down-after-milliseconds {SERVICE} 500\n"
+                f"sentinel failover-timeout {SERVICE} 2000\n"
+                + (f"sentinel auth-pass {SERVICE} {self.password}\n" if self.password else "")
+            )
+            self.processes.append(
+                subprocess.Popen([self.executable, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        # Failover needs every sentinel to know the replica and a quorum of its peers.
+        _poll(
+            lambda: all(
+                int(state["num-slaves"]) >= 1 and int(state["num-other-sentinels"]) >= len(self.ports) - 1
+                for state in (self._state(port) for port in self.ports)
+            ),
+            "the sentinels never saw the replica and each other",
+        )
+
+    def primary_port(self) -> int:
+        with redis.Redis(port=self.ports[0], socket_connect_timeout=0.2) as client:
+            _, port = client.sentinel_get_master_addr_by_name(SERVICE)
+        return int(port)
+
+    def kill_primary_and_wait_for_promotion(self) -> None:
+        self.primary.kill()
+        _poll(
+            lambda: all(self._promoted(port) for port in self.ports)
+            and self._info(self.replica.port).get("role") == "master",
+            "the replica was never promoted",
+            timeout=60,
+        )
+
+    def _promoted(self, port: int) -> bool:
+        with redis.Redis(port=port, socket_connect_timeout=0.2) as client:
+            _, primary = client.sentinel_get_master_addr_by_name(SERVICE)
+        return int(primary) == self.replica.port
+
+    def _state(self, port: int) -> dict[str, str]:
+        with redis.Redis(port=port, socket_connect_timeout=0.2, decode_responses=True) as client:
+            return dict(client.sentinel_master(SERVICE))
+
+    def _info(self, port: int) -> dict[str, object]:
+        with redis.Redis(port=port, password=self.password, socket_connect_timeout=0.2) as client:
+            return dict(client.info("replication"))
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        self.replica.kill()
+        self.primary.kill()
+
+
+def _poll(check: Callable[[], bool], failure: str, *, timeout: float = 30) -> None:
+    """Wait for a state outside the test's control (replication, a sentinel's view), bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except (redis.ConnectionError, redis.ResponseError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(failure)
+        time.sleep(0.05)

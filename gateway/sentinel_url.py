@@ -1,0 +1,58 @@
+"""A Redis Sentinel URL: which sentinels to ask, for which service's primary, with what credentials.
+
+`redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`. redis-py documents no URL for
+Sentinel, and a plain `urlsplit` cannot read a list of hosts, so the form is the one Celery, Spring and many
+operators already write. The credentials are the Redis servers' (the primary and its replicas); the sentinels
+are asked without any. Parsing needs no Redis client, so the settings can check the URL at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelUrl:
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+
+def parse_sentinel_url(text: str) -> SentinelUrl:
+    """Raises ValueError naming what is wrong; the message never holds the password."""
+    scheme, separator, rest = text.partition("://")
+    if scheme.lower() != SENTINEL_SCHEME or not separator:
+        raise ValueError(f"must start with {SENTINEL_SCHEME}://")
+    if "?" in rest or "#" in rest:
+        raise ValueError("must not have a query or a fragment")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username: str | None = None
+    password: str | None = None
+    if at:
+        user_text, colon, password_text = userinfo.partition(":")
+        username = unquote(user_text) or None
+        password = unquote(password_text) if colon else None
+    sentinels = tuple(_host_port(item) for item in hosts.split(","))
+    service, _, db_text = path.strip("/").partition("/")
+    if not service:
+        raise ValueError("must name the service after the hosts: redis+sentinel://HOST:PORT/SERVICE")
+    if db_text and not (db_text.isascii() and db_text.isdigit()):
+        raise ValueError(f"has a database number that is not a number, got {db_text!r}")
+    return SentinelUrl(sentinels, unquote(service), int(db_text or 0), username, password)
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    host, colon, port_text = item.strip().rpartition(":")
+    if not colon:
+        host, port_text = item.strip(), "26379"
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+        raise ValueError(f"must list sentinels as HOST:PORT, separated by commas, got {item.strip()!r}")
+    return host, int(port_text)
