@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -155,6 +156,10 @@ def redis_address(client: redis.Redis) -> str:
     return f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
 
 
+class NotReplicated(RedisError):
+    """The primary took a change, but no replica confirmed it: a failover now could lose it."""
+
+
 class RedisKeys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -190,8 +195,13 @@ class RedisTokens:
         key_prefix: str = "gateway:",
         entry_ttl: float = 300.0,
         retry_after: float = 1.0,
+        confirm_timeout: float = 0.3,
     ) -> None:
+        """With Sentinel, a delivered change counts only once a replica confirms it (see `confirm`): else a
+        failover could promote a replica that still holds the token as it was before, for `entry_ttl`."""
         self.client = client
+        self._confirm_replicas = 1 if isinstance(client.connection_pool, SentinelConnectionPool) else 0
+        self._confirm_timeout_ms = max(1, int(confirm_timeout * 1000))
         self.keys = RedisKeys(key_prefix)
         self._store = store
         self._entry_ttl = max(1, int(entry_ttl))
@@ -252,24 +262,47 @@ class RedisTokens:
                 self._redis_failed("fill", error)
         return record
 
-    async def write(self, record: TokenRecord) -> bool:
+    async def write(self, record: TokenRecord, *, via: redis.Redis | None = None) -> bool:
         payload = json.dumps(record_to_json(record), separators=(",", ":"))
         result = await self._set_if_newer(
-            keys=[self.keys.token(record.id)], args=[record.version, payload, self._entry_ttl]
+            keys=[self.keys.token(record.id)], args=[record.version, payload, self._entry_ttl], client=via
         )
         return bool(result)
 
-    async def write_tombstone(self, token_id: str) -> None:
+    async def write_tombstone(self, token_id: str, *, via: redis.Redis | None = None) -> None:
         await self._set_if_newer(
-            keys=[self.keys.token(token_id)], args=[TOMBSTONE_VERSION, "deleted", TOMBSTONE_TTL_SECONDS]
+            keys=[self.keys.token(token_id)], args=[TOMBSTONE_VERSION, "deleted", TOMBSTONE_TTL_SECONDS], client=via
         )
 
-    async def publish(self, changes: Iterable[tuple[str, float | None]]) -> None:
+    async def publish(self, changes: Iterable[tuple[str, float | None]], *, via: redis.Redis | None = None) -> None:
         """Announce changed tokens: `<id> <commit unix time>`, or `<id>` alone when the time is unknown (a
         delete). Listeners take the id from before the space and measure the propagation lag from the time."""
         for token_id, committed_at in changes:
             message = token_id if committed_at is None else f"{token_id} {committed_at:.6f}"
-            await self.client.publish(self.keys.changes_channel, message)
+            await (via or self.client).publish(self.keys.changes_channel, message)
+
+    @asynccontextmanager
+    async def one_connection(self) -> AsyncIterator[redis.Redis]:
+        """A client on one connection, for a delivery that `confirm` covers: WAIT counts only the writes its
+        own connection sent."""
+        connection = self.client.client()
+        try:
+            yield connection
+        finally:
+            await connection.aclose()
+
+    async def confirm(self, via: redis.Redis) -> None:
+        """With Sentinel, wait until a replica holds what `via` wrote; raises NotReplicated when none does in
+        time, so that the outbox keeps the change and delivers it again (to the promoted one, after a
+        failover). A primary with no replica attached (its replica was just promoted from it, or is down) has
+        none to lose it to: a replica that attaches later copies everything."""
+        if not self._confirm_replicas:
+            return
+        if int(await via.wait(self._confirm_replicas, self._confirm_timeout_ms)) >= self._confirm_replicas:
+            return
+        role = await via.role()
+        if len(role) > 2 and role[2]:
+            raise NotReplicated(f"no replica confirmed the change within {self._confirm_timeout_ms} ms")
 
 
 

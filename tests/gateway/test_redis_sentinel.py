@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -69,6 +70,32 @@ async def test_after_a_sentinel_failover_a_disable_still_reaches_every_proxy(
     logged = caplog.text + "".join(repr(record.args) for record in caplog.records)
     assert "service 'gateway-primary' via sentinel" in logged  # the outage was logged, by where it is
     assert PASSWORD not in logged
+
+
+async def test_a_change_no_replica_confirmed_stays_in_the_outbox_until_one_does(
+    start_gateway: GatewayFactory, sentinels: SentinelSet
+) -> None:
+    """Else a failover could promote a replica holding the token as it was before the change, for
+    redis_entry_ttl, and proxies would read it there once they trust Redis again."""
+    cluster: Cluster = await start_cluster(start_gateway, sentinels.url(), cache_ttl=60)
+    created = await cluster.admin.create_token()
+    token, token_id = created["token"], created["id"]
+    assert await cluster.statuses(token) == [(200, None)] * 2
+    assert sentinels.replica.process is not None
+    sentinels.replica.process.send_signal(signal.SIGSTOP)
+    try:
+        status, _ = await cluster.admin.admin_call("POST", f"/v1/tokens/{token_id}/disable")
+        assert status == 200
+        await cluster.until_all(token, (401, "token_disabled"))  # the primary has it and announced it
+        assert [token_id for _, token_id in await cluster.admin.core.store.pending_changes()] == [token_id]
+    finally:
+        sentinels.replica.process.send_signal(signal.SIGCONT)
+
+    async def delivered() -> bool:
+        return await cluster.admin.core.store.pending_changes() == []
+
+    await eventually(delivered, attempts=600, pause=0.02)
+    assert await cluster.statuses(token) == [(401, "token_disabled")] * 2
 
 
 @pytest.mark.parametrize(
