@@ -126,10 +126,8 @@ def connect(url: str, *, timeout: float = 0.5) -> redis.Redis:
     if urlsplit(url).scheme.lower() != SENTINEL_SCHEME:
         return redis.Redis.from_url(url, **options)
     target = parse_sentinel_url(url)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        list(target.sentinels),
-        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)},
-    )
+    asking = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
+    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=asking)  # type: ignore[no-untyped-call]
     primary: redis.Redis = sentinel.master_for(
         target.service, db=target.db, username=target.username, password=target.password, **options
     )
@@ -271,10 +269,14 @@ class RedisTokens:
 
     async def write_tombstone(self, token_id: str, *, via: redis.Redis | None = None) -> None:
         await self._set_if_newer(
-            keys=[self.keys.token(token_id)], args=[TOMBSTONE_VERSION, "deleted", TOMBSTONE_TTL_SECONDS], client=via
+            keys=[self.keys.token(token_id)],
+            args=[TOMBSTONE_VERSION, "deleted", TOMBSTONE_TTL_SECONDS],
+            client=via,
         )
 
-    async def publish(self, changes: Iterable[tuple[str, float | None]], *, via: redis.Redis | None = None) -> None:
+    async def publish(
+        self, changes: Iterable[tuple[str, float | None]], *, via: redis.Redis | None = None
+    ) -> None:
         """Announce changed tokens: `<id> <commit unix time>`, or `<id>` alone when the time is unknown (a
         delete). Listeners take the id from before the space and measure the propagation lag from the time."""
         for token_id, committed_at in changes:

@@ -23,9 +23,9 @@ class SentinelUrl:
     password: str | None = field(default=None, repr=False)
 
 
-
 def parse_sentinel_url(text: str) -> SentinelUrl:
-    """Raises ValueError naming what is wrong; the message never holds the password."""
+    """Raises ValueError naming what is wrong. The message quotes nothing from the URL: a password with an
+    unescaped `/` or `@` would land in the hosts or the path."""
     scheme, separator, rest = text.partition("://")
     if scheme.lower() != SENTINEL_SCHEME or not separator:
         raise ValueError(f"must start with {SENTINEL_SCHEME}://")
@@ -44,7 +44,7 @@ def parse_sentinel_url(text: str) -> SentinelUrl:
     if not service:
         raise ValueError("must name the service after the hosts: redis+sentinel://HOST:PORT/SERVICE")
     if db_text and not (db_text.isascii() and db_text.isdigit()):
-        raise ValueError(f"has a database number that is not a number, got {db_text!r}")
+        raise ValueError("has a database number that is not a number (a password's / must be written %2F)")
     return SentinelUrl(sentinels, unquote(service), int(db_text or 0), username, password)
 
 
@@ -54,5 +54,7 @@ def _host_port(item: str) -> tuple[str, int]:
         host, port_text = item.strip(), "26379"
     host = host.removeprefix("[").removesuffix("]")
     if not host or not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
-        raise ValueError(f"must list sentinels as HOST:PORT, separated by commas, got {item.strip()!r}")
+        raise ValueError(
+            "must list sentinels as HOST:PORT, separated by commas (a password's / must be written %2F)"
+        )
     return host, int(port_text)

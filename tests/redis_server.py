@@ -118,7 +118,7 @@ class SentinelSet:
     def start(self) -> None:
         self.primary.start()
         self.replica.start()
-        _poll(lambda: self._info(self.replica.port).get("master_link_status") == "up", "the replica never synced")
+        _poll(self._replica_synced, "the replica never synced")
         quorum = len(self.ports) // 2 + 1
         for port in self.ports:
             directory = self.directory / f"sentinel-{port}"
@@ -132,7 +132,9 @@ class SentinelSet:
                 + (f"sentinel auth-pass {SERVICE} {self.password}\n" if self.password else "")
             )
             self.processes.append(
-                subprocess.Popen([self.executable, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.Popen(
+                    [self.executable, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
             )
         # Failover needs every sentinel to know the replica and a quorum of its peers.
         _poll(
@@ -156,6 +158,9 @@ class SentinelSet:
             "the replica was never promoted",
             timeout=60,
         )
+
+    def _replica_synced(self) -> bool:
+        return self._info(self.replica.port).get("master_link_status") == "up"
 
     def _promoted(self, port: int) -> bool:
         with redis.Redis(port=port, socket_connect_timeout=0.2) as client:
