@@ -301,9 +301,14 @@ async def test_sighup_to_proxy_workers_reloads_the_certificate_in_each_of_them(
     try:
         assert process.stderr is not None
         listening = 0
+        said: list[bytes] = []
         while listening < 2:  # both workers have loaded the first certificate
-            line = await asyncio.wait_for(process.stderr.readline(), timeout=60)
-            assert line, "the workers exited"
+            try:
+                line = await asyncio.wait_for(process.stderr.readline(), timeout=60)
+            except TimeoutError:
+                raise AssertionError(f"both workers did not start; they said: {said!r}") from None
+            assert line, f"the workers exited; they said: {said!r}"
+            said.append(line)
             listening += b"proxy listening on https://" in line
         assert await names(4) == ["first"] * 4
         shutil.copy(second_cert, cert)
