@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from gateway.problems import GatewayError
 from gateway.ratelimits.gcra import QUOTA_EXCEEDED, RATE_LIMITED, LimitOutcome, LocalLimiter
-from gateway.ratelimits.headers import policy_field, retry_after, state_field
+from gateway.ratelimits.headers import allowed_format, allowed_lines, policy_field, retry_after, state_field
 from gateway.ratelimits.policy import Quota, RateLimit
 from gateway.ratelimits.shared import RedisLimiter
 from gateway.tokens import TokenRecord
@@ -31,7 +31,7 @@ class _Policy(NamedTuple):
     start: float  # when the period began and ends (-inf, inf: it does not end)
     end: float
     field: str
-    line: bytes  # the header line
+    lines: bytes  # both header lines of an allowed request, a format (headers.allowed_format)
 
 
 class TokenLimiter:
@@ -80,10 +80,9 @@ class TokenLimiter:
             outcome = await self.shared.check(record.id, rate, quota, now, (policy.period, end))
         else:
             outcome = self.local.check(record.id, rate, quota, now)
-        state = state_field(outcome, rate, quota)
         if outcome.refused is not None:
-            raise self._refusal(record.id, outcome, policy.field, state)
-        return policy.line + b"RateLimit: " + state.encode("ascii") + b"\r\n"
+            raise self._refusal(record.id, outcome, policy.field, state_field(outcome, rate, quota))
+        return allowed_lines(policy.lines, outcome, rate, quota)
 
     def _policy(self, token_id: str, rate: RateLimit | None, quota: Quota | None, now: float) -> _Policy:
         period, start, end = ("", None, None) if quota is None else quota.window(now)
@@ -95,7 +94,7 @@ class TokenLimiter:
             -math.inf if start is None else start,
             math.inf if end is None else end,
             field,
-            f"RateLimit-Policy: {field}\r\n".encode("ascii"),
+            allowed_format(field, rate, quota, end is not None),
         )
         if len(self._policies) >= self._max_entries:
             del self._policies[next(iter(self._policies))]  # the oldest: it is only made again

@@ -23,8 +23,11 @@ counts alone), Redis is retried after `retry_interval` seconds, and `degraded` s
 from __future__ import annotations
 
 import logging
+import math
 import time
-from typing import NamedTuple
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple, cast
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -36,15 +39,19 @@ from gateway.ratelimits.policy import Quota, RateLimit
 
 log = logging.getLogger(__name__)
 
-# One call is two KEYS (the TAT, the period's counter) and five ARGV: now (nanoseconds since EPOCH: an integer,
-# which costs the gateway less to write than a float), the emission interval in seconds (0: no rate), the
-# tolerance, the quota (0: none), the counter's expiry (Unix seconds, 0: never). KEYS and ARGV hold any number
-# of calls one after another (pipe.py sends the calls of one event-loop turn together); each is decided in
-# turn, as if alone, and answered with one line of the reply:
-#   refused (0, 1 rate, 2 quota),rate requests left,seconds until the rate is whole,quota used,seconds to wait
+# One call is two KEYS (the TAT, the period's counter) and two ARGV: now (nanoseconds since EPOCH, an integer
+# zero-padded to a fixed width so that the gateway writes it with one format), and the token's
+# limits, "<emission interval> <tolerance> <quota> <counter's expiry>" (interval 0: no rate; quota 0: none;
+# expiry in Unix seconds, 0: never), read once per batch. KEYS and ARGV hold any number of calls one after
+# another (pipe.py sends the calls of one event-loop turn together); each is decided in turn, as if alone,
+# and answered with one line of the reply:
+#   refused (0, 1 rate, 2 quota),the TAT the request found less now (0: idle),quota used (after it)
+# The gateway computes the header fields from these (`_outcome`): writing a number costs Lua a sprintf, the
+# largest part of a check's cost in Redis, so the reply holds as few as possible and a 0 is written as is.
+# Lua writes 14 significant digits, more than the seconds need.
 # A key is read once per batch and written once at its end (the last TAT, the counter raised by the requests
 # counted): the same answers as one script per call, with fewer Redis commands when a busy token has several
-# requests in one turn. Lua numbers are written with 14 significant digits, which the seconds need no more than.
+# requests in one turn.
 CHECK_SCRIPT = """
 local tats, tat_expiry, counts, counted, count_expiry = {}, {}, {}, {}, {}
 local function check(rate_key, quota_key, now, interval, tolerance, quota, expire)
@@ -65,36 +72,35 @@ local function check(rate_key, quota_key, now, interval, tolerance, quota, expir
     end
     if tat and tat > now then base = tat end
   end
+  local found = base > now and tostring(base - now) or '0'
   if quota > 0 and used >= quota then
-    local unused = 0
-    if interval > 0 then
-      unused = math.max(0, math.floor((now + tolerance + interval - base) / interval + 1e-9))
-    end
-    return '2,' .. unused .. ',' .. (base - now) .. ',' .. used .. ',0'
+    return '2,' .. found .. ',' .. used
   end
-  local remaining = 0
-  local reset = 0
   if interval > 0 then
-    local allowed_at = base - tolerance
-    if now < allowed_at then
-      return '1,0,' .. (base - now) .. ',' .. used .. ',' .. (allowed_at - now)
+    if now < base - tolerance then
+      return '1,' .. found .. ',' .. (quota > 0 and used or '0')
     end
     local new_tat = base + interval
-    remaining = math.max(0, math.floor((now + tolerance - new_tat) / interval + 1e-9) + 1)
-    reset = new_tat - now
-    tats[rate_key], tat_expiry[rate_key] = new_tat, math.ceil(reset * 1000) + 1
+    tats[rate_key], tat_expiry[rate_key] = new_tat, math.ceil((new_tat - now) * 1000) + 1
   end
   if quota > 0 then
     used = used + 1
     counts[quota_key], counted[quota_key], count_expiry[quota_key] = used, counted[quota_key] + 1, expire
+    return '0,' .. found .. ',' .. used
   end
-  return '0,' .. remaining .. ',' .. reset .. ',' .. used .. ',0'
+  return '0,' .. found .. ',0'
 end
-local lines = {}
+local lines, limits = {}, {}
 for call = 1, #KEYS / 2 do
-  local a = 5 * (call - 1)
-  lines[call] = check(KEYS[2 * call - 1], KEYS[2 * call], tonumber(ARGV[a + 1]) / 1e9, tonumber(ARGV[a + 2]),
-                      tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]))
+  local text = ARGV[2 * call]
+  local limit = limits[text]
+  if limit == nil then
+    local interval, tolerance, quota, expire = string.match(text, '^(%S+) (%S+) (%S+) (%S+)$')
+    limit = {tonumber(interval), tonumber(tolerance), tonumber(quota), tonumber(expire)}
+    limits[text] = limit
+  end
+  lines[call] = check(KEYS[2 * call - 1], KEYS[2 * call], tonumber(ARGV[2 * call - 1]) / 1e9,
+                      limit[1], limit[2], limit[3], limit[4])
 end
 for key, expiry in pairs(tat_expiry) do
   redis.call('SET', key, string.format('%.17g', tats[key]), 'PX', expiry)
@@ -108,7 +114,12 @@ end
 return table.concat(lines, '\\n')
 """
 
-_CODES = {b"1": RATE_LIMITED, b"2": QUOTA_EXCEEDED}
+# LimitOutcome(...) runs a Python-level __new__: an allowed request (most are) makes the tuple directly.
+_new_outcome = cast(Callable[[tuple[Any, ...]], LimitOutcome], partial(tuple.__new__, LimitOutcome))
+# now - EPOCH in nanoseconds, at a fixed width so that its RESP length is known before it is written (wide
+# enough for any clock from 1710 to 5000). An integer: a float's decimals cost twice as much to write.
+_NOW_WIDTH = 20
+_NOW = b"%020d"
 
 
 class _Call(NamedTuple):
@@ -117,10 +128,12 @@ class _Call(NamedTuple):
     rate: RateLimit | None
     quota: Quota | None
     period: str
+    interval: float  # 0.0 without a rate
+    tolerance: float
     keys: tuple[str, str]
-    arguments: tuple[str, str, int, int]  # after now: interval, tolerance, quota, expiry
+    limits: str  # the script's second argument
     encoded_keys: bytes
-    encoded_arguments: bytes
+    arguments: bytes  # both arguments, a format of the nanoseconds since EPOCH
 
 
 def _pipe_for(client: redis.Redis) -> ScriptPipe | None:
@@ -137,7 +150,7 @@ def _pipe_for(client: redis.Redis) -> ScriptPipe | None:
     return ScriptPipe(
         CHECK_SCRIPT,
         keys_per_call=2,
-        arguments_per_call=5,
+        arguments_per_call=2,
         username=options.get("username"),
         password=options.get("password"),
         db=int(options.get("db") or 0),
@@ -193,12 +206,12 @@ class RedisLimiter:
             call = self._call(token_id, rate, quota, period, end)
         try:
             if self._pipe is not None:
-                arguments = bulk(b"%d" % ((now - EPOCH) * 1e9)) + call.encoded_arguments
-                line = await self._pipe.call(call.encoded_keys, arguments)
+                line = await self._pipe.call(call.encoded_keys, call.arguments % ((now - EPOCH) * 1e9))
             else:
-                line = await self._script(keys=call.keys, args=(int((now - EPOCH) * 1e9), *call.arguments))
+                line = await self._script(keys=call.keys, args=(_NOW % ((now - EPOCH) * 1e9), call.limits))
                 line = line.encode() if isinstance(line, str) else line
-            refused, rate_remaining, rate_reset, used, wait = line.split(b",")
+            refused, found, used = line.split(b",")
+            waited = float(found)
         except (RedisError, OSError, ReplyError, ValueError) as error:
             self._outage.failed(
                 error,
@@ -213,13 +226,21 @@ class RedisLimiter:
         if self.degraded:
             self.degraded = False
             self._outage.recovered()
-        quota_remaining = 0 if quota is None else max(0, quota.requests - int(used))
+        # The header fields, as gcra.py computes them, from the TAT found (`waited`: how far ahead of now).
+        left = 0 if quota is None else max(0, quota.requests - int(used))
         quota_reset = None if end is None else end - now
-        code = _CODES.get(refused)
-        retry_after = None if code is None else float(wait) if code == RATE_LIMITED else quota_reset
-        return LimitOutcome(
-            code, int(rate_remaining), float(rate_reset), quota_remaining, quota_reset, retry_after
-        )
+        interval, tolerance = call.interval, call.tolerance
+        if refused == b"0":
+            if not interval:
+                return _new_outcome((None, 0, 0.0, left, quota_reset, None))
+            remaining = max(0, math.floor((tolerance - waited - interval) / interval + 1e-9) + 1)
+            return _new_outcome((None, remaining, waited + interval, left, quota_reset, None))
+        if refused == b"1":
+            return LimitOutcome(RATE_LIMITED, 0, waited, left, quota_reset, waited - tolerance)
+        unused = 0
+        if interval:
+            unused = max(0, math.floor((tolerance + interval - waited) / interval + 1e-9))
+        return LimitOutcome(QUOTA_EXCEEDED, unused, waited, left, quota_reset, quota_reset)
 
     def _call(
         self, token_id: str, rate: RateLimit | None, quota: Quota | None, period: str, end: float | None
@@ -227,22 +248,20 @@ class RedisLimiter:
         keys = (f"{self._prefix}{{{token_id}}}:rate", f"{self._prefix}{{{token_id}}}:quota:{period}")
         interval = 0.0 if rate is None else rate.interval
         tolerance = 0.0 if rate is None else interval * (rate.capacity - 1)
-        arguments = (
-            repr(interval),
-            repr(tolerance),
-            0 if quota is None else quota.requests,
-            # A minute past the period's end: the key names its period, so a replica whose clock runs a little
-            # behind still counts into the same key rather than into one already expired.
-            0 if end is None else int(end) + 60,
-        )
+        # The counter expires a minute past the period's end: the key names its period, so a replica whose
+        # clock runs a little behind still counts into the same key rather than into one already expired.
+        expire = 0 if end is None else int(end) + 60
+        limits = f"{interval!r} {tolerance!r} {0 if quota is None else quota.requests} {expire}"
         call = _Call(
             rate,
             quota,
             period,
+            interval,
+            tolerance,
             keys,
-            arguments,
+            limits,
             b"".join(bulk(key.encode()) for key in keys),
-            b"".join(bulk(str(argument).encode()) for argument in arguments),
+            b"$%d\r\n%s\r\n" % (_NOW_WIDTH, _NOW) + bulk(limits.encode()).replace(b"%", b"%%"),
         )
         if len(self._calls) >= self._max_entries:
             del self._calls[next(iter(self._calls))]  # the oldest prepared: it is only made again
