@@ -11,7 +11,9 @@ Keys, both with the token id as a cluster hash tag so that they live on one shar
     <prefix>limit:{<token id>}:rate            the TAT, with an expiry when it is reached (an idle token costs
                                                 no memory)
     <prefix>limit:{<token id>}:quota:<period>  the requests counted in one period (d20271231, m202712, total),
-                                                expiring a minute after the period's end (UTC); a total quota's never does
+                                                expiring a minute after the period's end (UTC); a total
+                                                quota's never does: it goes when the token is deleted
+                                                (`lasting_keys`, for redis_tokens.py)
 
 Time is the gateway's clock (injectable, so tests cross a UTC midnight without waiting), not Redis's: the
 replicas' clocks must agree (NTP); a skew of d seconds between two replicas lends at most d seconds of rate.
@@ -136,6 +138,17 @@ class _Call(NamedTuple):
     arguments: bytes  # both arguments, a format of the nanoseconds since EPOCH
 
 
+def limit_key(key_prefix: str, token_id: str, name: str) -> str:
+    """`name`: "rate", or "quota:<period>"."""
+    return f"{key_prefix}limit:{{{token_id}}}:{name}"
+
+
+def lasting_keys(key_prefix: str, token_id: str) -> tuple[str, ...]:
+    """A token's keys that would outlive it: its total quota's count never expires (and its TAT only once
+    the budget is whole). Deleted with the token."""
+    return limit_key(key_prefix, token_id, "rate"), limit_key(key_prefix, token_id, "quota:total")
+
+
 def _pipe_for(client: redis.Redis) -> ScriptPipe | None:
     """The fast connection (pipe.py) to the Redis `client` talks to, or None for TLS (redis-py then runs the
     script)."""
@@ -173,7 +186,7 @@ class RedisLimiter:
         self._script = client.register_script(CHECK_SCRIPT)
         self._pipe = _pipe_for(client)
         self._fallback = fallback
-        self._prefix = f"{key_prefix}limit:"
+        self._prefix = key_prefix
         self._outage = outage or OutageLog(log, "redis")
         self._retry_interval = retry_interval
         self._skip_until = 0.0
@@ -245,7 +258,8 @@ class RedisLimiter:
     def _call(
         self, token_id: str, rate: RateLimit | None, quota: Quota | None, period: str, end: float | None
     ) -> _Call:
-        keys = (f"{self._prefix}{{{token_id}}}:rate", f"{self._prefix}{{{token_id}}}:quota:{period}")
+        prefix = self._prefix
+        keys = (limit_key(prefix, token_id, "rate"), limit_key(prefix, token_id, f"quota:{period}"))
         interval = 0.0 if rate is None else rate.interval
         tolerance = 0.0 if rate is None else interval * (rate.capacity - 1)
         # The counter expires a minute past the period's end: the key names its period, so a replica whose

@@ -198,3 +198,23 @@ async def test_a_cancelled_check_leaves_the_others_of_its_batch_answered(
     assert not limiter.degraded
     # The cancelled check had joined its batch, so Redis counted it all the same.
     assert await client.get("gateway:limit:{t1}:quota:total") == b"5"
+
+
+async def test_deleting_a_token_deletes_its_limit_counts_in_redis(
+    start_gateway: GatewayFactory, redis_server: RedisServer, redis_url: str
+) -> None:
+    gateway = await start_gateway(redis_url=redis_url, redis_key_prefix="gone:")
+    created = await gateway.create_token(
+        rate_limit={"requests": 10, "per_seconds": 60}, quota={"requests": 10, "period": "total"}
+    )
+    assert (await gateway.call(created["token"])).status == 200
+    async with redis.Redis(port=redis_server.port) as client:
+        assert sorted(await client.keys(f"gone:limit:{{{created['id']}}}:*")) == [
+            f"gone:limit:{{{created['id']}}}:quota:total".encode(),
+            f"gone:limit:{{{created['id']}}}:rate".encode(),
+        ]
+
+        status, _ = await gateway.admin_call("DELETE", f"/v1/tokens/{created['id']}")
+
+        assert status == 204
+        assert await client.keys(f"gone:limit:{{{created['id']}}}:*") == []
