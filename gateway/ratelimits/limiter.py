@@ -27,7 +27,7 @@ class _Policy(NamedTuple):
 
     rate: RateLimit | None
     quota: Quota | None
-    period: str  # the quota's period now ("" without a quota)
+    window: tuple[str, float | None]  # the quota's period now and its end, for RedisLimiter.check
     start: float  # when the period began and ends (-inf, inf: it does not end)
     end: float
     field: str
@@ -76,8 +76,7 @@ class TokenLimiter:
         ):
             policy = self._policy(record.id, rate, quota, now)
         if self.shared is not None:
-            end = None if policy.end == math.inf else policy.end
-            outcome = await self.shared.check(record.id, rate, quota, now, (policy.period, end))
+            outcome = await self.shared.check(record.id, rate, quota, now, policy.window)
         else:
             outcome = self.local.check(record.id, rate, quota, now)
         if outcome.refused is not None:
@@ -90,7 +89,7 @@ class TokenLimiter:
         policy = _Policy(
             rate,
             quota,
-            period,
+            (period, end),
             -math.inf if start is None else start,
             math.inf if end is None else end,
             field,

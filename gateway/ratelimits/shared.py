@@ -210,7 +210,7 @@ class RedisLimiter:
     ) -> LimitOutcome:
         """`window`: the quota's period now (its name and end, as `Quota.window` gives them), ("", None)
         without a quota."""
-        if time.monotonic() < self._skip_until:
+        if self._skip_until and time.monotonic() < self._skip_until:
             self.fallback_checks += 1
             return self._fallback.check(token_id, rate, quota, now)
         period, end = window
@@ -238,6 +238,7 @@ class RedisLimiter:
         self.redis_checks += 1
         if self.degraded:
             self.degraded = False
+            self._skip_until = 0.0
             self._outage.recovered()
         # The header fields, as gcra.py computes them, from the TAT found (`waited`: how far ahead of now).
         left = 0 if quota is None else max(0, quota.requests - int(used))
