@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as redis
 
 from gateway.ratelimits.gcra import LocalLimiter
-from gateway.ratelimits.pipe import PipeProtocol
+from gateway.ratelimits.pipe import MAX_BATCH, PipeProtocol
 from gateway.ratelimits.policy import Quota, QuotaPeriod, RateLimit
 from gateway.ratelimits.shared import RedisLimiter
 from tests.conftest import GatewayFactory
@@ -218,3 +218,19 @@ async def test_deleting_a_token_deletes_its_limit_counts_in_redis(
 
         assert status == 204
         assert await client.keys(f"gone:limit:{{{created['id']}}}:*") == []
+
+
+async def test_a_turn_with_more_checks_than_a_batch_holds_is_sent_in_several(
+    limits: tuple[RedisLimiter, redis.Redis],
+) -> None:
+    limiter, client = limits
+    quota, now = Quota(requests=10_000, period=QuotaPeriod.TOTAL), 1_800_000_000.0
+    window = quota.window(now)[::2]
+    await limiter.check("warm", None, quota, now, window)
+    before = await evalsha_calls(client)
+
+    checks = [limiter.check("t1", None, quota, now, window) for _ in range(2 * MAX_BATCH + 1)]
+    outcomes = await asyncio.gather(*checks)
+
+    assert await evalsha_calls(client) == before + 3
+    assert sorted(o.quota_remaining for o in outcomes) == list(range(10_000 - 2 * MAX_BATCH - 1, 10_000))
