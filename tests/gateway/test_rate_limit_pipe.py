@@ -234,3 +234,33 @@ async def test_a_turn_with_more_checks_than_a_batch_holds_is_sent_in_several(
 
     assert await evalsha_calls(client) == before + 3
     assert sorted(o.quota_remaining for o in outcomes) == list(range(10_000 - 2 * MAX_BATCH - 1, 10_000))
+
+
+class OtherConnection(redis.Connection):
+    """A plain connection under another class name: shared.py leaves what it does not know (TLS, Sentinel) to
+    redis-py, one script call per check."""
+
+
+async def test_checks_through_redis_py_count_as_the_pipe_does(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    pool = redis.ConnectionPool(connection_class=OtherConnection, port=server.port)
+    client = redis.Redis(connection_pool=pool)
+    limiter = RedisLimiter(client, LocalLimiter())
+    try:
+        rate, quota = RateLimit(requests=3, per_seconds=60), Quota(requests=4, period=QuotaPeriod.DAY)
+        now = 1_800_000_000.0
+        window = quota.window(now)[::2]
+        outcomes = [await limiter.check("t1", rate, quota, now + n, window) for n in range(5)]
+
+        assert [(o.refused, o.rate_remaining, o.quota_remaining) for o in outcomes] == [
+            (None, 2, 3), (None, 1, 2), (None, 0, 1), ("rate_limited", 0, 1), ("rate_limited", 0, 1)
+        ]
+        assert outcomes[3].retry_after == pytest.approx(20 - 3)
+        assert not limiter.degraded and limiter.redis_checks == 5
+        assert await client.get("gateway:limit:{t1}:quota:" + window[0]) == b"3"
+    finally:
+        await limiter.close()
+        await client.aclose()
+        await pool.disconnect()
+        server.kill()
