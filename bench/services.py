@@ -455,13 +455,33 @@ async def start_gateway_serve(
 
 async def start_gateway_workers(fleet: Fleet, upstream: str, workers: int) -> Gateway:
     """`gateway admin` and `gateway proxy --workers N`, sharing the SQLite store and a redis-server."""
-    redis_port, proxy_port, admin_port = free_port(), free_port(), free_port()
+    redis_port, proxy_port, admin_port = await start_redis(fleet), free_port(), free_port()
+    env = gateway_env(
+        fleet,
+        upstream,
+        "gateway-workers.db",
+        GATEWAY_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+        GATEWAY_PROXY_LISTEN=f"127.0.0.1:{proxy_port}",
+        GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{admin_port}",
+    )
+    fleet.spawn("gateway-admin", [sys.executable, "-m", "gateway", "admin"], env=env)
+    fleet.spawn(
+        "gateway-proxy", [sys.executable, "-m", "gateway", "proxy", "--workers", str(workers)], env=env
+    )
+    gateway = Gateway(f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{admin_port}", "gateway-proxy")
+    await _wait_gateway(fleet, gateway, ["gateway-admin", "gateway-proxy"])
+    return gateway
+
+
+async def start_redis(fleet: Fleet) -> int:
+    """A redis-server on a free port, without persistence (fleet name "redis"): its port, once it listens."""
+    port = free_port()
     fleet.spawn(
         "redis",
         [
             need("redis-server"),
             "--port",
-            str(redis_port),
+            str(port),
             "--bind",
             "127.0.0.1",
             "--save",
@@ -472,22 +492,8 @@ async def start_gateway_workers(fleet: Fleet, upstream: str, workers: int) -> Ga
             str(fleet.workdir),
         ],
     )
-    env = gateway_env(
-        fleet,
-        upstream,
-        "gateway-workers.db",
-        GATEWAY_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-        GATEWAY_PROXY_LISTEN=f"127.0.0.1:{proxy_port}",
-        GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{admin_port}",
-    )
-    await _wait_port(redis_port)
-    fleet.spawn("gateway-admin", [sys.executable, "-m", "gateway", "admin"], env=env)
-    fleet.spawn(
-        "gateway-proxy", [sys.executable, "-m", "gateway", "proxy", "--workers", str(workers)], env=env
-    )
-    gateway = Gateway(f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{admin_port}", "gateway-proxy")
-    await _wait_gateway(fleet, gateway, ["gateway-admin", "gateway-proxy"])
-    return gateway
+    await _wait_port(port)
+    return port
 
 
 async def _wait_port(port: int, timeout: float = 10) -> None:
@@ -513,9 +519,10 @@ async def _wait_gateway(fleet: Fleet, gateway: Gateway, names: list[str]) -> Non
         raise
 
 
-async def create_token(gateway: Gateway, access_level: str = "read_only") -> Token:
-    """A real token through the admin API: argon2 hash in the store, an IP range and an access level."""
-    body = {"name": "bench", "access_level": access_level, "allowed_ip_ranges": ["127.0.0.0/8"]}
+async def create_token(gateway: Gateway, access_level: str = "read_only", **limits: object) -> Token:
+    """A real token through the admin API: argon2 hash in the store, an IP range and an access level (and
+    `rate_limit` / `quota`, as the admin API takes them)."""
+    body = {"name": "bench", "access_level": access_level, "allowed_ip_ranges": ["127.0.0.0/8"], **limits}
     async with (
         aiohttp.ClientSession() as session,
         session.post(

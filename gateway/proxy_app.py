@@ -115,7 +115,14 @@ class ProxyHandler:
             self._usage.previous_secret_used(token.record, caller.client_ip)
         if request.upgrade == b"websocket" and request.method == "GET" and self._tunnels is not None:
             grant = _Grant(caller, token)
-            await self._tunnels.relay(request, decision.upstream_target, decision.upstream_head, token_id, grant)
+            await self._tunnels.relay(
+                request,
+                decision.upstream_target,
+                decision.upstream_head,
+                token_id,
+                grant,
+                response_headers=limit_headers,
+            )
             return
         await self._forwarder.forward(
             request,

@@ -24,6 +24,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.outage import OutageLog
+from gateway.ratelimits.shared import lasting_keys
 from gateway.request_counts import (
     DAY,
     RECENT_ADDRESSES,
@@ -268,11 +269,13 @@ class RedisTokens:
         return bool(result)
 
     async def write_tombstone(self, token_id: str, *, via: redis.Redis | None = None) -> None:
+        """The token is deleted: its entry becomes a tombstone, and its limit counts go."""
         await self._set_if_newer(
             keys=[self.keys.token(token_id)],
             args=[TOMBSTONE_VERSION, "deleted", TOMBSTONE_TTL_SECONDS],
             client=via,
         )
+        await (via or self.client).delete(*lasting_keys(self.keys.prefix, token_id))
 
     async def publish(
         self, changes: Iterable[tuple[str, float | None]], *, via: redis.Redis | None = None

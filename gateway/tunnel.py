@@ -319,9 +319,19 @@ class TunnelRegistry:
             if not tunnels:
                 del self._by_token[tunnel.token_id]
 
-    async def relay(self, request: HttpRequest, target: str, head: bytes, token_id: str, judged: object) -> None:
+    async def relay(
+        self,
+        request: HttpRequest,
+        target: str,
+        head: bytes,
+        token_id: str,
+        judged: object,
+        *,
+        response_headers: bytes = b"",
+    ) -> None:
         """Send the upgrade upstream as `target` (the judged path, forward.py's `upstream_target`) on a new
-        connection; on its 101, tunnel until either side closes."""
+        connection; on its 101, tunnel until either side closes. `response_headers` (the gateway's own lines,
+        such as RateLimit) go with the answer, a 101 or not."""
         if request.body is not None or (request.content_length or 0) > 0:
             raise GatewayError(400, "bad_request", "An upgrade request has no body.")
         tunnel = Tunnel(self, request, token_id, judged)
@@ -338,10 +348,10 @@ class TunnelRegistry:
             except TimeoutError:
                 raise GatewayError(504, "upstream_timeout", "The upstream service did not answer in time.") from None
             if side.status != 101:
-                _relay_refusal(request, side)
+                _relay_refusal(request, side, response_headers)
                 return
             client, client_early = request.switch_protocols(
-                _switch_head(side), tunnel.from_client, tunnel.client_eof, tunnel.close,
+                _switch_head(side) + response_headers, tunnel.from_client, tunnel.client_eof, tunnel.close,
                 tunnel.pause_upstream, tunnel.resume_upstream,
             )
             tunnel.start(client, side.transport)
@@ -422,11 +432,11 @@ def _switch_head(side: _UpstreamSide) -> bytes:
     return head + UPGRADE_HEADERS + date_header()
 
 
-def _relay_refusal(request: HttpRequest, side: _UpstreamSide) -> None:
+def _relay_refusal(request: HttpRequest, side: _UpstreamSide, response_headers: bytes) -> None:
     """The upstream answered the upgrade with a normal response: the client gets it as it is."""
     headers = b"".join(
         b"%s: %s\r\n" % (name, value) for name, value in side.headers if name.lower() not in _NOT_RELAYED
-    )
+    ) + response_headers
     try:
         reason = side.reason or HTTPStatus(side.status).phrase.encode("ascii")
     except ValueError:

@@ -2,14 +2,18 @@
 
 redis-py cost about 140 us of CPU per command (its pool, its connection's locks, a pure-Python reply parser;
 measured with 32 concurrent callers on the 2-core test machine), more than the gateway's own work on a
-request; in a pipeline of 32 still 45 us. This connection writes
-each EVALSHA as prebuilt RESP bytes, the commands of one event-loop turn in one write, and matches replies to
-callers in order (Redis answers a connection's commands in the order sent): a few microseconds per request.
+request; in a pipeline of 32 still 45 us. This connection gathers the calls of one event-loop turn into ONE
+EVALSHA, written from prebuilt RESP bytes: the script (shared.py) loops over the calls in the order they came
+and answers each with one line of a single bulk reply. The gateway then parses one reply and Redis runs one
+script per turn, not one per request; each call is still decided alone and atomically (Redis runs the whole
+script at once), so the counts are those of one EVALSHA per call.
 
 It speaks only what the script needs: AUTH and SELECT from the redis URL, SCRIPT LOAD, EVALSHA (EVAL when the
 script is missing, as after a Redis restart), integer, bulk and array replies. A TLS URL (rediss://) is left
 to redis-py (shared.py), with its cost. Any failure closes the connection, fails what is waiting, and the
 next call connects again: callers see an OSError (a ConnectionError or a TimeoutError) or a ReplyError.
+
+One batch holds keys of many tokens: a Redis Cluster would need one batch per hash slot.
 """
 
 from __future__ import annotations
@@ -17,17 +21,26 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
+
+
+# Calls per EVALSHA at most: Redis runs a script alone, so a batch holds every other client up while it runs
+# (about 2 µs a call).
+MAX_BATCH = 500
 
 
 class ReplyError(Exception):
     """Redis answered a command with an error (the message is Redis's own, never a secret)."""
 
 
+def bulk(part: bytes) -> bytes:
+    """One RESP bulk string: how a key or an argument of a call is handed to `ScriptPipe.call`."""
+    return b"$%d\r\n%s\r\n" % (len(part), part)
+
+
 def command(*parts: bytes | str | int) -> bytes:
     encoded = [part if isinstance(part, bytes) else str(part).encode() for part in parts]
-    return b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in encoded)
+    return b"*%d\r\n" % len(encoded) + b"".join(bulk(part) for part in encoded)
 
 
 class _Incomplete(Exception):
@@ -63,8 +76,34 @@ def _parse(buffer: bytes, start: int) -> tuple[Any, int]:
     raise ConnectionError(f"unexpected reply from Redis: {bytes(buffer[start : start + 16])!r}")
 
 
+class Waiter(Protocol):
+    """Whoever waits for one reply on the connection."""
+
+    def answered(self, value: Any) -> None: ...
+
+    def failed(self, error: Exception) -> None: ...
+
+
+class _Call:
+    """One command's caller (AUTH, SELECT, SCRIPT LOAD): its reply as is, a ReplyError included."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self.future = future
+
+    def answered(self, value: Any) -> None:
+        if not self.future.done():
+            self.future.set_result(value)
+
+    def failed(self, error: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
 class PipeProtocol(asyncio.Protocol):
-    """The connection: commands out in one write per loop turn, replies matched to callers in order.
+    """The connection: commands written as they come (the batching is ScriptPipe's), replies matched to
+    waiters in order.
 
     One timer per connection, not one per call, bounds the wait: it fires every `timeout` seconds while
     anything waits, and a reply outstanding for longer fails the connection (a late reply would be matched to
@@ -72,29 +111,29 @@ class PipeProtocol(asyncio.Protocol):
 
     def __init__(self, timeout: float = 0.5) -> None:
         self.transport: asyncio.Transport | None = None
-        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.waiting: deque[Waiter] = deque()
         self._timeout = timeout
         self._answered = 0  # replies matched so far
         self._watched: int | None = None  # the reply count when the timer last looked, while any waits
         self._buffer = b""
-        self._out: list[bytes] = []
-        self._flush_scheduled = False
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def send(self, data: bytes) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self.waiting.append(future)
-        self._out.append(data)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
+    def send(self, data: bytes, waiter: Waiter) -> None:
+        if self.lost or self.transport is None:
+            waiter.failed(ConnectionError("the connection to Redis is closed"))
+            return
+        self.waiting.append(waiter)
+        self.transport.write(data)
         if self._watched is None:
             self._watched = self._answered
-            loop.call_later(self._timeout, self._watch)
+            asyncio.get_running_loop().call_later(self._timeout, self._watch)
+
+    def ask(self, data: bytes) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.send(data, _Call(future))
         return future
 
     def _watch(self) -> None:
@@ -106,12 +145,6 @@ class PipeProtocol(asyncio.Protocol):
             self._watched = self._answered
             asyncio.get_running_loop().call_later(self._timeout, self._watch)
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._out and self.transport is not None and not self.lost:
-            data, self._out = b"".join(self._out), []
-            self.transport.write(data)
-
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer + data if self._buffer else data
         position = 0
@@ -120,10 +153,8 @@ class PipeProtocol(asyncio.Protocol):
                 value, position = _parse(buffer, position)
                 if not self.waiting:
                     raise ConnectionError("a reply from Redis that nothing asked for")
-                future = self.waiting.popleft()
                 self._answered += 1
-                if not future.done():
-                    future.set_result(value)
+                self.waiting.popleft().answered(value)
         except _Incomplete:
             pass
         except (ConnectionError, ValueError) as error:
@@ -140,21 +171,59 @@ class PipeProtocol(asyncio.Protocol):
         self.lost = True
         self._watched = None
         while self.waiting:
-            future = self.waiting.popleft()
-            if not future.done():
-                future.set_exception(error)
+            self.waiting.popleft().failed(error)
         if self.transport is not None:
             self.transport.abort()
 
 
+class _Batch:
+    """The calls of one event-loop turn: their RESP keys and arguments, and one future per call (a caller
+    whose request is cancelled cancels its own future, never its neighbours')."""
+
+    __slots__ = ("pipe", "keys", "arguments", "callers", "retried")
+
+    def __init__(self, pipe: ScriptPipe) -> None:
+        self.pipe = pipe
+        self.keys: list[bytes] = []
+        self.arguments: list[bytes] = []
+        self.callers: list[asyncio.Future[bytes]] = []
+        self.retried = False
+
+    def answered(self, value: Any) -> None:
+        if isinstance(value, ReplyError) and str(value).startswith("NOSCRIPT") and not self.retried:
+            self.retried = True
+            self.pipe.resend(self)
+            return
+        if isinstance(value, ReplyError):
+            self.failed(value)
+            return
+        lines = value.split(b"\n") if isinstance(value, bytes) else []
+        if len(lines) != len(self.callers):
+            self.failed(ReplyError(f"the limits script answered {len(lines)} of {len(self.callers)} calls"))
+            return
+        for caller, line in zip(self.callers, lines):
+            if not caller.done():
+                caller.set_result(line)
+
+    def failed(self, error: Exception) -> None:
+        for caller in self.callers:
+            if not caller.done():
+                caller.set_exception(error)
+
+
 class ScriptPipe:
     """Runs `script` on the Redis at host:port (or a unix socket `path`) with keyword options as redis-py
-    holds them (`username`, `password`, `db`); every call waits at most `timeout` seconds."""
+    holds them (`username`, `password`, `db`); every call waits at most `timeout` seconds.
+
+    The script is written for batches: each call adds `keys_per_call` keys and `arguments_per_call` arguments
+    (KEYS and ARGV hold the calls one after another), and it returns one bulk string, one line per call."""
 
     def __init__(
         self,
         script: str,
         *,
+        keys_per_call: int,
+        arguments_per_call: int,
         host: str = "localhost",
         port: int = 6379,
         path: str | None = None,
@@ -166,6 +235,8 @@ class ScriptPipe:
         self._script = script.encode()
         self.sha = hashlib.sha1(self._script).hexdigest()
         self._evalsha_head = b"$7\r\nEVALSHA\r\n$40\r\n" + self.sha.encode() + b"\r\n"
+        self._keys_per_call = keys_per_call
+        self._parts_per_call = keys_per_call + arguments_per_call
         self._address = (host, port)
         self._path = path
         self._username = username
@@ -174,35 +245,81 @@ class ScriptPipe:
         self._timeout = timeout
         self._protocol: PipeProtocol | None = None
         self._connecting: asyncio.Task[PipeProtocol] | None = None
+        self._batch: _Batch | None = None
+        self._sending: set[asyncio.Future[None]] = set()
+        self.batches_sent = 0
 
     async def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
         self._protocol = None
 
-    async def run(self, keys: Sequence[str], arguments: Sequence[str | int]) -> Any:
-        """The script's reply; ReplyError for an error reply."""
+    def call(self, keys: bytes, arguments: bytes) -> asyncio.Future[bytes]:
+        """Adds one call to this turn's batch: its keys and its arguments, each already a run of bulk strings
+        (`bulk`). The future is the call's line of the reply; it fails with an OSError or a ReplyError."""
+        loop = asyncio.get_running_loop()
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch(self)
+            loop.call_soon(self._send)
+        batch.keys.append(keys)
+        batch.arguments.append(arguments)
+        caller: asyncio.Future[bytes] = loop.create_future()
+        batch.callers.append(caller)
+        if len(batch.callers) >= MAX_BATCH:
+            self._send()  # the turn's later calls start another batch
+        return caller
+
+    def _send(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None:  # sent when it was full; nothing came after
+            return
         protocol = self._protocol
         if protocol is None or protocol.lost:
+            sending = asyncio.ensure_future(self._send_once_connected(batch))
+            self._sending.add(sending)  # held until done: the loop keeps only a weak reference to a task
+            sending.add_done_callback(self._sending.discard)
+            return
+        self.batches_sent += 1
+        protocol.send(self._evalsha(batch), batch)
+
+    async def _send_once_connected(self, batch: _Batch) -> None:
+        try:
             protocol = await self._connected()
-        reply = await protocol.send(self._evalsha(keys, arguments))
-        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-            reply = await self._ask(protocol, command(b"EVAL", self._script, len(keys), *keys, *arguments))
-        if isinstance(reply, ReplyError):
-            raise reply
-        return reply
+        except (OSError, ReplyError) as error:
+            batch.failed(error)
+            return
+        except BaseException:
+            batch.failed(ConnectionError("the connection to Redis was not set up"))
+            raise
+        self.batches_sent += 1
+        protocol.send(self._evalsha(batch), batch)
 
-    async def _ask(self, protocol: PipeProtocol, data: bytes) -> Any:
-        return await protocol.send(data)
+    def resend(self, batch: _Batch) -> None:
+        """The batch again as EVAL with the script's text: Redis's script cache was emptied (a restart, a
+        SCRIPT FLUSH); EVAL loads it again for the next EVALSHA."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost:
+            batch.failed(ConnectionError("the connection to Redis is closed"))
+            return
+        head = b"$4\r\nEVAL\r\n" + bulk(self._script)
+        protocol.send(self._command(head, batch), batch)
 
-    def _evalsha(self, keys: Sequence[str], arguments: Sequence[str | int]) -> bytes:
-        """`EVALSHA sha numkeys keys... arguments...` in RESP, from a prefix built once."""
-        parts = [str(part).encode() for part in (*keys, *arguments)]
-        return (
-            b"*%d\r\n" % (3 + len(parts))
-            + self._evalsha_head
-            + b"$%d\r\n%d\r\n" % (len(str(len(keys))), len(keys))
-            + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
+    def _evalsha(self, batch: _Batch) -> bytes:
+        return self._command(self._evalsha_head, batch)
+
+    def _command(self, head: bytes, batch: _Batch) -> bytes:
+        """`EVALSHA sha numkeys keys... arguments...` (or EVAL) in RESP, from the calls' prebuilt parts."""
+        calls = len(batch.callers)
+        key_count = b"%d" % (calls * self._keys_per_call)
+        return b"".join(
+            (
+                b"*%d\r\n" % (3 + calls * self._parts_per_call),
+                head,
+                bulk(key_count),
+                *batch.keys,
+                *batch.arguments,
+            )
         )
 
     async def _connected(self) -> PipeProtocol:
@@ -231,6 +348,6 @@ class ScriptPipe:
         return protocol
 
     async def _checked(self, protocol: PipeProtocol, data: bytes) -> None:
-        reply = await self._ask(protocol, data)
+        reply = await protocol.ask(data)
         if isinstance(reply, ReplyError):
             raise reply

@@ -1,15 +1,21 @@
 """The limits script's own Redis connection (gateway/ratelimits/pipe.py), against a real redis-server: the
-database named in the URL, a script cache emptied under it, and many requests in flight on one connection."""
+database named in the URL, a script cache emptied under it, many requests in flight on one connection, and
+the checks of one event-loop turn sent as one EVALSHA (counted by Redis's INFO commandstats)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 import redis.asyncio as redis
 
-from gateway.ratelimits.pipe import PipeProtocol
+from gateway.ratelimits.gcra import LocalLimiter
+from gateway.ratelimits.pipe import MAX_BATCH, PipeProtocol
+from gateway.ratelimits.policy import Quota, QuotaPeriod, RateLimit
+from gateway.ratelimits.shared import RedisLimiter
 from tests.conftest import GatewayFactory
 from tests.redis_server import RedisServer
 
@@ -60,18 +66,34 @@ async def test_concurrent_requests_on_one_connection_each_get_their_own_answer(
     assert (await gateway.call(token)).status == 429
 
 
+class Recorder:
+    """A waiter for one reply (pipe.Waiter): what the connection handed it."""
+
+    def __init__(self) -> None:
+        self.values: list[object] = []
+
+    def answered(self, value: object) -> None:
+        self.values.append(value)
+
+    def failed(self, error: Exception) -> None:
+        self.values.append(error)
+
+
 async def test_replies_split_anywhere_across_reads_reach_their_callers_in_order() -> None:
     reply = b"*5\r\n:0\r\n:42\r\n$4\r\n17.5\r\n:3\r\n$1\r\n0\r\n"
-    replies = reply + reply.replace(b":42", b":41") + b"-NOSCRIPT No matching script.\r\n"
-    loop = asyncio.get_running_loop()
+    batch = b"$26\r\n0,9,0.01,0,0\n1,0,0.5,0,0.2\r\n"
+    replies = reply + batch + b"-NOSCRIPT No matching script.\r\n"
     for cut in range(1, len(replies)):
         protocol = PipeProtocol()
-        callers = [loop.create_future() for _ in range(3)]
+        callers = [Recorder() for _ in range(3)]
         protocol.waiting.extend(callers)
         protocol.data_received(replies[:cut])
         protocol.data_received(replies[cut:])
-        assert [caller.result() for caller in callers[:2]] == [[0, 42, b"17.5", 3, b"0"], [0, 41, b"17.5", 3, b"0"]]
-        assert str(callers[2].result()) == "NOSCRIPT No matching script."
+        assert [caller.values for caller in callers[:2]] == [
+            [[0, 42, b"17.5", 3, b"0"]],
+            [b"0,9,0.01,0,0\n1,0,0.5,0,0.2"],
+        ]
+        assert [str(value) for value in callers[2].values] == ["NOSCRIPT No matching script."]
 
 
 async def test_a_redis_that_stops_answering_falls_back_within_the_timeout(
@@ -92,4 +114,153 @@ async def test_a_redis_that_stops_answering_falls_back_within_the_timeout(
         finally:
             server.process.send_signal(signal.SIGCONT)
     finally:
+        server.kill()
+
+
+@pytest.fixture
+async def limits(tmp_path: Path) -> AsyncIterator[tuple[RedisLimiter, redis.Redis]]:
+    """The shared limiter on a Redis of its own: nothing else runs scripts there, so its counts are ours."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    client = redis.Redis(port=server.port)
+    limiter = RedisLimiter(client, LocalLimiter())
+    try:
+        yield limiter, client
+    finally:
+        await limiter.close()
+        await client.aclose()
+        server.kill()
+
+
+async def evalsha_calls(client: redis.Redis) -> int:
+    return int((await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_checks_made_in_one_event_loop_turn_are_sent_as_one_evalsha(
+    limits: tuple[RedisLimiter, redis.Redis],
+) -> None:
+    limiter, client = limits
+    quota, now = Quota(requests=20, period=QuotaPeriod.TOTAL), 1_800_000_000.0
+    window = quota.window(now)[::2]
+    await limiter.check("warm", None, quota, now, window)  # connects and loads the script
+    before = await evalsha_calls(client)
+
+    outcomes = await asyncio.gather(*(limiter.check("t1", None, quota, now, window) for _ in range(21)))
+
+    assert await evalsha_calls(client) == before + 1
+    assert sorted(o.quota_remaining for o in outcomes if o.refused is None) == list(range(20))
+    assert [outcome.refused for outcome in outcomes].count("quota_exceeded") == 1
+    assert limiter.redis_checks == 22
+
+
+async def test_one_batch_decides_each_token_alone_and_in_order(
+    limits: tuple[RedisLimiter, redis.Redis],
+) -> None:
+    limiter, client = limits
+    rate, quota = RateLimit(requests=3, per_seconds=60), Quota(requests=2, period=QuotaPeriod.DAY)
+    now = 1_800_000_000.0
+    window = quota.window(now)[::2]
+    await limiter.check("warm", None, quota, now, window)
+    before = await evalsha_calls(client)
+
+    checks = [limiter.check("rated", rate, None, now) for _ in range(4)]
+    checks += [limiter.check("quoted", None, quota, now, window) for _ in range(3)]
+    checks += [limiter.check("both", rate, quota, now, window) for _ in range(3)]
+    outcomes = await asyncio.gather(*checks)
+
+    assert await evalsha_calls(client) == before + 1
+    rated, quoted, both = outcomes[:4], outcomes[4:7], outcomes[7:]
+    assert [(o.refused, o.rate_remaining) for o in rated] == [
+        (None, 2), (None, 1), (None, 0), ("rate_limited", 0)
+    ]
+    assert rated[3].retry_after == pytest.approx(20.0)
+    assert [(o.refused, o.quota_remaining) for o in quoted] == [(None, 1), (None, 0), ("quota_exceeded", 0)]
+    assert [o.refused for o in both] == [None, None, "quota_exceeded"]
+    assert [o.rate_remaining for o in both] == [2, 1, 1]  # the quota's refusal spent no rate
+
+
+async def test_a_cancelled_check_leaves_the_others_of_its_batch_answered(
+    limits: tuple[RedisLimiter, redis.Redis],
+) -> None:
+    limiter, client = limits
+    quota, now = Quota(requests=10, period=QuotaPeriod.TOTAL), 1_800_000_000.0
+    window = quota.window(now)[::2]
+    await limiter.check("warm", None, quota, now, window)
+    checks = [asyncio.ensure_future(limiter.check("t1", None, quota, now, window)) for _ in range(5)]
+    await asyncio.sleep(0)  # every check is waiting on the batch's reply
+    checks[2].cancel()
+
+    done = await asyncio.gather(*checks, return_exceptions=True)
+
+    assert isinstance(done[2], asyncio.CancelledError)
+    answered = [outcome for outcome in done if not isinstance(outcome, BaseException)]
+    assert len(answered) == 4 and all(outcome.refused is None for outcome in answered)
+    assert not limiter.degraded
+    # The cancelled check had joined its batch, so Redis counted it all the same.
+    assert await client.get("gateway:limit:{t1}:quota:total") == b"5"
+
+
+async def test_deleting_a_token_deletes_its_limit_counts_in_redis(
+    start_gateway: GatewayFactory, redis_server: RedisServer, redis_url: str
+) -> None:
+    gateway = await start_gateway(redis_url=redis_url, redis_key_prefix="gone:")
+    created = await gateway.create_token(
+        rate_limit={"requests": 10, "per_seconds": 60}, quota={"requests": 10, "period": "total"}
+    )
+    assert (await gateway.call(created["token"])).status == 200
+    async with redis.Redis(port=redis_server.port) as client:
+        assert sorted(await client.keys(f"gone:limit:{{{created['id']}}}:*")) == [
+            f"gone:limit:{{{created['id']}}}:quota:total".encode(),
+            f"gone:limit:{{{created['id']}}}:rate".encode(),
+        ]
+
+        status, _ = await gateway.admin_call("DELETE", f"/v1/tokens/{created['id']}")
+
+        assert status == 204
+        assert await client.keys(f"gone:limit:{{{created['id']}}}:*") == []
+
+
+async def test_a_turn_with_more_checks_than_a_batch_holds_is_sent_in_several(
+    limits: tuple[RedisLimiter, redis.Redis],
+) -> None:
+    limiter, client = limits
+    quota, now = Quota(requests=10_000, period=QuotaPeriod.TOTAL), 1_800_000_000.0
+    window = quota.window(now)[::2]
+    await limiter.check("warm", None, quota, now, window)
+    before = await evalsha_calls(client)
+
+    checks = [limiter.check("t1", None, quota, now, window) for _ in range(2 * MAX_BATCH + 1)]
+    outcomes = await asyncio.gather(*checks)
+
+    assert await evalsha_calls(client) == before + 3
+    assert sorted(o.quota_remaining for o in outcomes) == list(range(10_000 - 2 * MAX_BATCH - 1, 10_000))
+
+
+class OtherConnection(redis.Connection):
+    """A plain connection under another class name: shared.py leaves what it does not know (TLS, Sentinel) to
+    redis-py, one script call per check."""
+
+
+async def test_checks_through_redis_py_count_as_the_pipe_does(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    pool = redis.ConnectionPool(connection_class=OtherConnection, port=server.port)
+    client = redis.Redis(connection_pool=pool)
+    limiter = RedisLimiter(client, LocalLimiter())
+    try:
+        rate, quota = RateLimit(requests=3, per_seconds=60), Quota(requests=4, period=QuotaPeriod.DAY)
+        now = 1_800_000_000.0
+        window = quota.window(now)[::2]
+        outcomes = [await limiter.check("t1", rate, quota, now + n, window) for n in range(5)]
+
+        assert [(o.refused, o.rate_remaining, o.quota_remaining) for o in outcomes] == [
+            (None, 2, 3), (None, 1, 2), (None, 0, 1), ("rate_limited", 0, 1), ("rate_limited", 0, 1)
+        ]
+        assert outcomes[3].retry_after == pytest.approx(20 - 3)
+        assert not limiter.degraded and limiter.redis_checks == 5
+        assert await client.get("gateway:limit:{t1}:quota:" + window[0]) == b"3"
+    finally:
+        await limiter.close()
+        await client.aclose()
+        await pool.disconnect()
         server.kill()

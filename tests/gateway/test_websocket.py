@@ -179,6 +179,28 @@ async def test_a_non_101_answer_from_the_upstream_is_relayed(start_ws: StartWs) 
         assert refused.value.status == 418
 
 
+async def test_a_limited_tokens_upgrade_answers_carry_the_ratelimit_fields(start_ws: StartWs) -> None:
+    gateway = await start_ws()
+    token = (await gateway.create_token(quota={"requests": 3, "period": "total"}))["token"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy.server.port)
+    try:
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            + f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert b'\r\nRateLimit-Policy: "quota";q=3\r\nRateLimit: "quota";r=2\r\n' in head
+    finally:
+        writer.close()
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(ws_url(gateway, "/teapot"), headers=bearer(token))
+    assert refused.value.status == 418
+    assert refused.value.headers is not None and refused.value.headers["RateLimit"] == '"quota";r=1'
+
+
 async def test_tunnels_are_bounded_per_token_and_in_all(start_ws: StartWs) -> None:
     gateway = await start_ws(websocket_max_tunnels_per_token=2, websocket_max_tunnels=3)
     first, second = (await gateway.create_token())["token"], (await gateway.create_token())["token"]
