@@ -1,5 +1,6 @@
 """Limits shared by every replica: one Lua script per request, run by Redis atomically (one EVALSHA, sent
-on the connection of pipe.py; through redis-py for a TLS URL).
+on the connection of pipe.py, or on a Redis Cluster on the pipe to the keys' primary (cluster_pipes.py);
+through redis-py for a TLS URL).
 
 The script reads the token's quota counter and its GCRA arrival time (gcra.py explains GCRA), decides, and
 writes both only when the request is allowed. Redis runs a script alone, so two replicas can never both
@@ -24,13 +25,15 @@ from __future__ import annotations
 import logging
 import time
 
-import redis.asyncio as redis
+from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError
 
 from gateway.outage import OutageLog
+from gateway.ratelimits.cluster_pipes import ClusterPipes
 from gateway.ratelimits.gcra import EPOCH, QUOTA_EXCEEDED, RATE_LIMITED, LimitOutcome, LocalLimiter
 from gateway.ratelimits.pipe import ReplyError, ScriptPipe
 from gateway.ratelimits.policy import Quota, RateLimit
+from gateway.redis_cluster import GatewayCluster, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +86,17 @@ return {0, remaining, tostring(reset), used, '0'}
 _CODES = {1: RATE_LIMITED, 2: QUOTA_EXCEEDED}
 
 
-def _pipe_for(client: redis.Redis) -> ScriptPipe | None:
-    """The fast connection (pipe.py) to the Redis `client` talks to, or None for TLS (redis-py then runs the
-    script)."""
+def _pipe_for(client: RedisClient) -> ScriptPipe | ClusterPipes | None:
+    """The fast connection (pipe.py) to the Redis `client` talks to (on a cluster, one per primary), or None
+    for TLS (redis-py then runs the script)."""
+    if isinstance(client, GatewayCluster):
+        if client.connection_kwargs.get("connection_class", Connection) is not Connection:
+            return None
+        script = client.register_script(CHECK_SCRIPT)
+        timeout = float(client.connection_kwargs.get("socket_timeout") or 0.5)
+        return ClusterPipes(
+            client, CHECK_SCRIPT, lambda keys, arguments: script(keys=keys, args=arguments), timeout=timeout
+        )
     pool = client.connection_pool
     options = pool.connection_kwargs
     if "path" in options:
@@ -107,7 +118,7 @@ def _pipe_for(client: redis.Redis) -> ScriptPipe | None:
 class RedisLimiter:
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         fallback: LocalLimiter,
         *,
         key_prefix: str = "gateway:",
