@@ -11,6 +11,8 @@ keys share the token id as a hash tag, so every script and command fits one slot
   next command asks the cluster for it again (`CLUSTER SLOTS`), so after a failover the promoted replica is
   found by the command after the one that failed.
 - A cluster missing a shard keeps serving the others' slots (`require_full_coverage=False`).
+- A connection that redis-py closes while another command still writes on it (it recycles a failed node's
+  connections) surfaces as an AttributeError from inside redis-py; it is a lost connection, and counts as one.
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ class ClusterUnavailable(RedisConnectionError):
     """The cluster client could not serve a command: no node answered, or no primary serves the slot."""
 
 
+# What redis-py's cluster client raises that is not a RedisError (see the module's docstring).
+_CLIENT_FAILURES = (RedisClusterException, AttributeError)
+
+
 class GatewayPipeline(ClusterPipeline):
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
         try:
             return await super().execute(raise_on_error, allow_redirections)
-        except RedisClusterException as error:
+        except _CLIENT_FAILURES as error:
             raise ClusterUnavailable(str(error)) from error
 
 
@@ -56,7 +62,7 @@ class GatewayCluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().execute_command(*args, **kwargs)
-        except RedisClusterException as error:
+        except _CLIENT_FAILURES as error:
             raise ClusterUnavailable(str(error)) from error
 
     def get_node_from_key(self, key: Any, replica: bool = False) -> ClusterNode | None:

@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import aiohttp
 import pytest
 import redis
 
 from gateway.health import readiness
 from gateway.redis_cluster import GatewayCluster
 from gateway.settings import SettingsError, load_settings
-from tests.conftest import REDIS_CLUSTER_PASSWORD, Gateway, GatewayFactory, eventually
+from tests.conftest import REDIS_CLUSTER_PASSWORD, Gateway, GatewayFactory, Upstream, eventually
 from tests.gateway.test_shared_cache import Cluster, start_cluster
-from tests.redis_server import RedisClusterSet
+from tests.gateway.test_shared_rate_limits import HEALTH, Replicas, _drive, until
+from tests.redis_server import RedisClusterSet, free_port
 
 CHANNEL = "gateway:token-changes"
 
@@ -92,6 +99,95 @@ async def test_rate_limits_and_quotas_are_shared_by_both_proxies_on_a_cluster(
         shared = replica.core.limiter.shared
         assert shared is not None and shared.redis_checks == 14 and shared.fallback_checks == 0
         assert replica.core.limiter.mode == "shared"
+
+
+@pytest.fixture
+async def proxy_processes(
+    redis_cluster: RedisClusterSet, start_gateway: GatewayFactory, upstream: Upstream, tmp_path: Path
+) -> AsyncIterator[Replicas]:
+    """Two real `gateway proxy` processes on the cluster, beside an admin plane in the test process."""
+    url = redis_cluster.url(count=3)
+    admin = await start_gateway(planes=("admin",), redis_url=url)
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
+    environment.update(
+        GATEWAY_DATABASE_URL=f"sqlite:///{admin.database}",
+        GATEWAY_REDIS_URL=url,
+        GATEWAY_UPSTREAM=upstream.url,
+        GATEWAY_PROXY_HEALTH_PATH=HEALTH,
+        GATEWAY_CACHE_TTL="60",
+        GATEWAY_ARGON2_TIME_COST="1",
+        GATEWAY_ARGON2_MEMORY_COST_KIB="1024",
+        GATEWAY_ACCESS_LOG="off",
+    )
+    ports = [free_port(), free_port()]
+    logs = [tmp_path / f"proxy-{n}.log" for n in range(2)]
+    outputs = [log.open("wb") for log in logs]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway", "proxy", "--proxy-listen", f"127.0.0.1:{port}"],
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        for port, output in zip(ports, outputs, strict=True)
+    ]
+    session = aiohttp.ClientSession()
+    replicas = Replicas(admin, ports, session)
+    try:
+        for replica, process in enumerate(processes):
+
+            async def up(replica: int = replica, process: subprocess.Popen[bytes] = process) -> bool:
+                assert process.poll() is None, logs[replica].read_text()
+                try:
+                    return (await replicas.health(replica))[0] == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await until(up, attempts=1200)
+        yield replicas
+    finally:
+        await session.close()
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=60)
+        for output in outputs:
+            output.close()
+        for log in logs:
+            text = log.read_text()
+            assert "Traceback" not in text and REDIS_CLUSTER_PASSWORD not in text, text
+
+
+async def test_two_proxy_processes_share_limits_and_hear_every_change_on_a_cluster(
+    proxy_processes: Replicas,
+) -> None:
+    replicas = proxy_processes
+    quoted = await replicas.admin.create_token(quota={"requests": 9, "period": "day"})
+    answers = await _drive(replicas, quoted["token"], 24)
+    assert sum(status == 200 for status, _, _ in answers) == 9
+    assert {(status, code) for status, code, _ in answers if status != 200} == {(429, "quota_exceeded")}
+    remaining = sorted(
+        int(headers["RateLimit"].split("r=")[1].split(";")[0]) for s, _, headers in answers if s == 200
+    )
+    assert remaining == list(range(9))  # one count in the cluster, shared by both processes
+    assert (await replicas.health(0))[1]["rate_limits"] == "shared"
+
+    created = await replicas.admin.create_token()
+    token, token_id = created["token"], created["id"]
+
+    async def both(expected: tuple[int, str]) -> bool:
+        return [(await replicas.call(n, token))[:2] for n in range(2)] == [expected] * 2
+
+    await until(lambda: both((200, "")))
+    for action, expected in (("disable", (401, "token_disabled")), ("enable", (200, ""))):
+        await replicas.admin.admin_call("POST", f"/v1/tokens/{token_id}/{action}")
+        await until(lambda expected=expected: both(expected))  # type: ignore[misc]
+    _, rotated = await replicas.admin.admin_call("POST", f"/v1/tokens/{token_id}/rotate")
+    await until(lambda: both((401, "invalid_token")))
+    token = rotated["token"]
+    await until(lambda: both((200, "")))
+    await replicas.admin.admin_call("DELETE", f"/v1/tokens/{token_id}")
+    await until(lambda: both((401, "invalid_token")))
 
 
 async def test_after_a_primary_fails_over_changes_cache_and_limits_recover_without_a_restart(
