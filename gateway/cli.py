@@ -56,7 +56,7 @@ FLAG_HELP = {
     "admin_listen": "HOST:PORT the admin API listens on (keep it on loopback or a private network)",
     "database_url": "the store: sqlite:///PATH, or postgresql://USER@HOST:PORT/DATABASE for many hosts",
     "redis_url": "Redis shared by every gateway process: redis://, rediss://, unix:// or"
-    " redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] URL",
+    " redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] or redis+cluster://HOST:PORT[,HOST:PORT...] URL",
     "trusted_proxies": "comma-separated addresses/CIDRs whose X-Forwarded-For is believed",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "forward_auth_listen": "also answer forward-auth requests (nginx auth_request and the like) on this HOST:PORT",

@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
-import redis.asyncio as redis
 from aiohttp import web
 
 from gateway.client_ip import ClientIpResolver
@@ -23,6 +22,7 @@ from gateway.metrics import Metrics
 from gateway.ratelimits.gcra import LocalLimiter
 from gateway.ratelimits.limiter import TokenLimiter
 from gateway.ratelimits.shared import RedisLimiter
+from gateway.redis_cluster import RedisClient
 from gateway.redis_tokens import RedisTokens, RedisUsage, connect, disconnect
 from gateway.request_counts import CountReader
 from gateway.secrets import SecretHasher
@@ -40,7 +40,7 @@ from gateway.usage import UsageDrainer, UsageRecorder
 class SharedCache:
     """The Redis side of the core; its background tasks are run by the plane that needs them."""
 
-    client: redis.Redis
+    client: RedisClient
     tokens: RedisTokens
     listener: InvalidationListener  # proxy plane
     changes: RedisTokenChanges  # admin plane: outbox delivery
@@ -116,7 +116,7 @@ def _assemble(
     settings: Settings,
     store: TokenStore,
     hasher: SecretHasher,
-    client: redis.Redis | None,
+    client: RedisClient | None,
     clock: Callable[[], datetime],
 ) -> Core:
     cache_options = {

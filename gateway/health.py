@@ -17,6 +17,7 @@ import json
 
 from gateway.request_target import TargetRefused, canonical_path
 from gateway.core import Core
+from gateway.redis_cluster import GatewayCluster
 
 CHECK_TIMEOUT = 2.0
 
@@ -33,7 +34,10 @@ async def readiness(core: Core) -> tuple[bool, dict[str, str]]:
         checks["redis"] = "not configured"
     else:
         try:
-            await asyncio.wait_for(core.shared.client.ping(), timeout=CHECK_TIMEOUT)
+            client = core.shared.client
+            # On a cluster, every primary: each serves a part of the tokens, the counts and the limits.
+            ping = client.ping(target_nodes=client.PRIMARIES) if isinstance(client, GatewayCluster) else client.ping()
+            await asyncio.wait_for(ping, timeout=CHECK_TIMEOUT)
             checks["redis"] = "ok"
         except Exception:
             checks["redis"] = "unavailable"

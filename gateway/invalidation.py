@@ -2,7 +2,9 @@
 
 If the subscription drops, the process notices (the read fails or the health-check ping does), keeps serving
 with entries no older than the cache ttl, reconnects with backoff, and on reconnect marks every entry stale:
-whatever was published while it was away is picked up on next use.
+whatever was published while it was away is picked up on next use. On a Redis Cluster the subscription is on
+one node (a classic PUBLISH reaches every node); when it drops, the listener reads the cluster's layout again
+and subscribes on the next node, so the loss of the node it listened on costs a reconnect, not the channel.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from redis.exceptions import RedisError
 
 from gateway.background import raise_if_cancelling
 from gateway.metrics import Metrics
+from gateway.redis_cluster import GatewayCluster, RedisClient
 from gateway.redis_tokens import RedisTokens
 from gateway.token_cache import TokenCache
 
@@ -25,7 +28,7 @@ log = logging.getLogger(__name__)
 class InvalidationListener:
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         tokens: RedisTokens,
         cache: TokenCache,
         *,
@@ -42,13 +45,15 @@ class InvalidationListener:
         self.connected = asyncio.Event()
         self.subscriptions = 0
         self.messages = 0
+        self.node: str | None = None  # on a cluster, the node subscribed on (or last subscribed on)
 
     async def run(self) -> None:
         backoff = 0.05
         first = True
         while True:
-            pubsub = self._client.pubsub()
+            pubsub: redis.client.PubSub | None = None
             try:
+                pubsub = await self._subscriber(reconnecting=not first)
                 await pubsub.subscribe(self._tokens.keys.changes_channel)
                 # The subscribe confirmation proves the connection; only then is the cache trusted again.
                 while (await pubsub.get_message(timeout=1.0)) is None:
@@ -82,9 +87,24 @@ class InvalidationListener:
                 backoff = min(self._max_backoff, backoff * 2)
             finally:
                 try:
-                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+                    if pubsub is not None:
+                        await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
                 except (RedisError, OSError):
                     pass
+
+    async def _subscriber(self, *, reconnecting: bool) -> redis.client.PubSub:
+        """One Redis's pub/sub; on a cluster, one node's: the next after the one lost, in a fresh layout."""
+        client = self._client
+        if not isinstance(client, GatewayCluster):
+            return client.pubsub()
+        if reconnecting:
+            await client.refresh_layout()
+        else:
+            await client.initialize()
+        pubsub = client.subscriber(self._tokens.keys.changes_channel, lost=self.node if reconnecting else None)
+        node = pubsub.get_pubsub_node()
+        self.node = None if node is None else node.name
+        return pubsub
 
     def _received(self, data: bytes) -> None:
         """`<id>` or `<id> <commit unix time>` (redis_tokens.RedisTokens.publish)."""

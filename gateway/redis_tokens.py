@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -23,8 +23,10 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from gateway.cluster_url import is_cluster_url
 from gateway.outage import OutageLog
 from gateway.ratelimits.shared import lasting_keys
+from gateway.redis_cluster import GatewayCluster, RedisClient, connect_cluster
 from gateway.request_counts import (
     DAY,
     RECENT_ADDRESSES,
@@ -114,10 +116,13 @@ return all
 """
 
 
-def connect(url: str, *, timeout: float = 0.5) -> redis.Redis:
+def connect(url: str, *, timeout: float = 0.5) -> RedisClient:
     """A client that fails fast instead of retrying: a slow Redis must not hold requests up. With a Sentinel
     URL, a client of the service's current primary: each new connection asks the sentinels where it is, so
-    after a failover the next attempt reaches the promoted replica."""
+    after a failover the next attempt reaches the promoted replica. With a cluster URL, a cluster client
+    (redis_cluster.py)."""
+    if is_cluster_url(url):
+        return connect_cluster(url, timeout=timeout)
     options: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
@@ -135,15 +140,18 @@ def connect(url: str, *, timeout: float = 0.5) -> redis.Redis:
     return primary
 
 
-async def disconnect(client: redis.Redis) -> None:
+async def disconnect(client: RedisClient) -> None:
     """Close the client and, with Sentinel, its connections to the sentinels."""
     await client.aclose()
-    if isinstance(client.connection_pool, SentinelConnectionPool):
+    if isinstance(client, redis.Redis) and isinstance(client.connection_pool, SentinelConnectionPool):
         await client.connection_pool.sentinel_manager.aclose()
 
 
-def redis_address(client: redis.Redis) -> str:
-    """Where the client connects (host:port, the socket path, or the Sentinel service), never its password."""
+def redis_address(client: RedisClient) -> str:
+    """Where the client connects (host:port, the socket path, the Sentinel service, or the cluster's nodes),
+    never its password."""
+    if isinstance(client, GatewayCluster):
+        return client.address()
     pool = client.connection_pool
     if isinstance(pool, SentinelConnectionPool):
         where = (sentinel.connection_pool.connection_kwargs for sentinel in pool.sentinel_manager.sentinels)
@@ -188,7 +196,7 @@ class RedisTokens:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         store: TokenStore,
         *,
         key_prefix: str = "gateway:",
@@ -196,10 +204,12 @@ class RedisTokens:
         retry_after: float = 1.0,
         confirm_timeout: float = 0.3,
     ) -> None:
-        """With Sentinel, a delivered change counts only once a replica confirms it (see `confirm`): else a
-        failover could promote a replica that still holds the token as it was before, for `entry_ttl`."""
+        """With Sentinel or a cluster, a delivered change counts only once a replica confirms it (see
+        `confirm`): else a failover could promote a replica that still holds the token as it was before, for
+        `entry_ttl`."""
         self.client = client
-        self._confirm_replicas = 1 if isinstance(client.connection_pool, SentinelConnectionPool) else 0
+        replicated = isinstance(client, GatewayCluster) or isinstance(client.connection_pool, SentinelConnectionPool)
+        self._confirm_replicas = 1 if replicated else 0
         self._confirm_timeout_ms = max(1, int(confirm_timeout * 1000))
         self.keys = RedisKeys(key_prefix)
         self._store = store
@@ -275,7 +285,9 @@ class RedisTokens:
             args=[TOMBSTONE_VERSION, "deleted", TOMBSTONE_TTL_SECONDS],
             client=via,
         )
-        await (via or self.client).delete(*lasting_keys(self.keys.prefix, token_id))
+        # Not `via`: on a cluster the limit keys (hash-tagged by the token id) may live on another primary
+        # than the entry; their deletion needs no replica's confirmation.
+        await self.client.delete(*lasting_keys(self.keys.prefix, token_id))
 
     async def publish(
         self, changes: Iterable[tuple[str, float | None]], *, via: redis.Redis | None = None
@@ -286,10 +298,65 @@ class RedisTokens:
             message = token_id if committed_at is None else f"{token_id} {committed_at:.6f}"
             await (via or self.client).publish(self.keys.changes_channel, message)
 
+    async def deliver(self, entries: Sequence[tuple[str, TokenRecord | None]]) -> None:
+        """Write each token's entry (a tombstone for None), announce them all, then confirm the writes
+        (`confirm`). Announced before confirmed: every proxy hears of a change at once, even while no
+        replica confirms it and the outbox keeps it."""
+        announced = [(token_id, None if record is None else record.updated_at.timestamp()) for token_id, record in entries]
+        if isinstance(self.client, GatewayCluster):
+            await self._deliver_to_cluster(self.client, entries, announced)
+            return
+        async with self.one_connection() as connection:
+            for token_id, record in entries:
+                await self._write_entry(token_id, record, via=connection)
+            await self.publish(announced, via=connection)
+            await self.confirm(connection)
+
+    async def _deliver_to_cluster(
+        self,
+        cluster: GatewayCluster,
+        entries: Sequence[tuple[str, TokenRecord | None]],
+        announced: Sequence[tuple[str, float | None]],
+    ) -> None:
+        """Each entry on one connection to its slot's primary (WAIT there covers it), the announcement
+        through any node: a cluster passes a classic PUBLISH to every node. A failure may mean the layout
+        changed (a failover): it is read again, and the outbox tries again with it."""
+        try:
+            await cluster.initialize()
+            by_primary: dict[str, list[tuple[str, TokenRecord | None]]] = {}
+            for token_id, record in entries:
+                node = cluster.get_node_from_key(self.keys.token(token_id))
+                by_primary.setdefault("" if node is None else node.name, []).append((token_id, record))
+            async with AsyncExitStack() as stack:
+                connections = []
+                for group in by_primary.values():
+                    connection = await stack.enter_async_context(
+                        cluster.primary_connection(self.keys.token(group[0][0]))
+                    )
+                    connections.append(connection)
+                    for token_id, record in group:
+                        await self._write_entry(token_id, record, via=connection)
+                await self.publish(announced)
+                for connection in connections:
+                    await self.confirm(connection)
+        except (RedisError, OSError):
+            try:
+                await cluster.refresh_layout()
+            except (RedisError, OSError):
+                pass
+            raise
+
+    async def _write_entry(self, token_id: str, record: TokenRecord | None, *, via: redis.Redis) -> None:
+        if record is None:
+            await self.write_tombstone(token_id, via=via)
+        else:
+            await self.write(record, via=via)
+
     @asynccontextmanager
     async def one_connection(self) -> AsyncIterator[redis.Redis]:
         """A client on one connection, for a delivery that `confirm` covers: WAIT counts only the writes its
         own connection sent."""
+        assert isinstance(self.client, redis.Redis)
         connection = self.client.client()
         try:
             yield connection
@@ -314,7 +381,7 @@ class RedisTokens:
 class RedisUsage:
     """Usage shared across replicas: each proxy merges its batch into one hash; the admin process drains it."""
 
-    def __init__(self, client: redis.Redis, *, key_prefix: str = "gateway:") -> None:
+    def __init__(self, client: RedisClient, *, key_prefix: str = "gateway:") -> None:
         self._client = client
         self._keys = RedisKeys(key_prefix)
         self._key = self._keys.usage

@@ -20,6 +20,7 @@ import netaddr
 from gateway.access_levels import RULE_CASES, AccessLevel, AccessLevelConfigError, parse_access_levels
 from gateway.request_target import TargetRefused, canonical_path
 from gateway.secrets import Argon2Parameters
+from gateway.cluster_url import CLUSTER_SCHEMES, parse_cluster_url
 from gateway.sentinel_url import SENTINEL_SCHEME, parse_sentinel_url
 from gateway.token_format import PREFIX_PATTERN
 
@@ -282,11 +283,12 @@ def _as_redis_url(raw: Any) -> Secret:
     scheme = urlsplit(text).scheme.lower()
     if scheme == SENTINEL_SCHEME:
         parse_sentinel_url(text)
-    elif scheme in {"redis+cluster", "rediss+cluster"}:
-        raise ValueError("Redis Cluster is not supported yet: use one Redis, or Sentinel (redis+sentinel://)")
+    elif scheme in CLUSTER_SCHEMES:
+        parse_cluster_url(text)
     elif scheme not in {"redis", "rediss", "unix"}:
         raise ValueError(
-            "must be a redis://, rediss://, unix:// or redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE URL"
+            "must be a redis://, rediss://, unix://, redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE"
+            " or redis+cluster://HOST:PORT[,HOST:PORT...] URL"
         )
     return Secret(text)
 

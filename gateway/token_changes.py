@@ -106,18 +106,8 @@ class RedisTokenChanges:
         if not pending:
             return 0
         token_ids = list(dict.fromkeys(token_id for _, token_id in pending))
-        announced: list[tuple[str, float | None]] = []
-        async with self._tokens.one_connection() as connection:
-            for token_id in token_ids:
-                record = await self._store.get_token(token_id)
-                if record is None:
-                    await self._tokens.write_tombstone(token_id, via=connection)
-                    announced.append((token_id, None))
-                else:
-                    await self._tokens.write(record, via=connection)
-                    announced.append((token_id, record.updated_at.timestamp()))
-            await self._tokens.publish(announced, via=connection)
-            await self._tokens.confirm(connection)
+        entries = [(token_id, await self._store.get_token(token_id)) for token_id in token_ids]
+        await self._tokens.deliver(entries)
         if self._tokens.outage.down:
             self._tokens.outage.recovered()
         await self._store.acknowledge_changes(pending[-1][0])

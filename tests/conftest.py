@@ -31,7 +31,7 @@ from gateway.settings import Settings, load_settings
 from gateway.store import SQLiteStore
 from gateway.tokens import TokenRecord
 from tests.postgres_server import PostgresServer
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisClusterSet, RedisServer
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
 # Cheap argon2 parameters keep the suite fast; the code path is the same as with the defaults.
@@ -139,6 +139,21 @@ def redis_url(redis_server: RedisServer) -> str:
     with redis.Redis(port=redis_server.port) as client:
         client.flushall()
     return redis_server.url
+
+
+REDIS_CLUSTER_PASSWORD = "cluster-test-redis-password-42"
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterSet]:
+    """A real Redis Cluster of its own for this test (three primaries, a replica each, a password), quick to
+    fail over; tests kill its nodes."""
+    cluster = RedisClusterSet(tmp_path / "redis-cluster", password=REDIS_CLUSTER_PASSWORD)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -196,3 +197,154 @@ def _poll(check: Callable[[], bool], failure: str, *, timeout: float = 30) -> No
         if time.monotonic() > deadline:
             raise RuntimeError(failure)
         time.sleep(0.05)
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    for _ in range(200):
+        port = random.randint(20000, 30000)
+        try:
+            with socket.socket() as first, socket.socket() as bus:
+                first.bind(("127.0.0.1", port))
+                bus.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class ClusterNodeServer(RedisServer):
+    """One redis-server in cluster mode, its node table in its own directory."""
+
+    def __init__(self, directory: Path, *, password: str | None = None, node_timeout_ms: int = 500) -> None:
+        super().__init__(directory, free_cluster_port(), password=password)
+        self.node_timeout_ms = node_timeout_ms
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                self.executable,
+                "--port", str(self.port),
+                "--bind", self.host,
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.directory),
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(self.directory / "nodes.conf"),
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                # A replica promotes itself however long its link to the primary was down before.
+                "--cluster-replica-validity-factor", "0",
+                *(("--requirepass", self.password, "--masterauth", self.password) if self.password else ()),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _poll(lambda: self.client().ping(), "a cluster node did not start", timeout=10)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(
+            host=self.host, port=self.port, password=self.password, socket_connect_timeout=0.2,
+            socket_timeout=1, decode_responses=True,
+        )
+
+    def command(self, *args: str) -> object:
+        with self.client() as client:
+            return client.execute_command(*args)
+
+
+class RedisClusterSet:
+    """A real Redis Cluster: three primaries and one replica each (`redis-cli --cluster create`), quick to fail
+    over: a node that does not answer for half a second is failing, and its replica takes its slots."""
+
+    def __init__(self, directory: Path, *, password: str | None = None, primaries: int = 3) -> None:
+        self.directory = directory
+        self.password = password
+        self.nodes = [
+            ClusterNodeServer(directory / f"node-{index}", password=password) for index in range(primaries * 2)
+        ]
+
+    def url(self, *, count: int | None = None) -> str:
+        credentials = f":{self.password}@" if self.password else ""
+        hosts = ",".join(f"127.0.0.1:{node.port}" for node in self.live_nodes()[:count])
+        return f"redis+cluster://{credentials}{hosts}/"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [
+                "redis-cli",
+                *(("-a", self.password, "--no-auth-warning") if self.password else ()),
+                "--cluster", "create",
+                *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                "--cluster-replicas", "1",
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+        self.wait_until_healthy()
+
+    def live_nodes(self) -> list[ClusterNodeServer]:
+        return [node for node in self.nodes if node.process is not None and node.process.poll() is None]
+
+    def role(self, node: ClusterNodeServer) -> str:
+        return str(node.command("ROLE")[0])  # type: ignore[index]
+
+    def primaries(self) -> list[ClusterNodeServer]:
+        return [node for node in self.live_nodes() if self.role(node) == "master"]
+
+    def replica_of(self, primary: ClusterNodeServer) -> ClusterNodeServer:
+        for node in self.live_nodes():
+            if self.role(node) == "slave" and int(node.command("ROLE")[2]) == primary.port:  # type: ignore[index]
+                return node
+        raise RuntimeError(f"the primary on port {primary.port} has no live replica")
+
+    def owner_of(self, key: str) -> ClusterNodeServer:
+        """The primary serving `key`'s slot now."""
+        first = self.live_nodes()[0]
+        slot = int(first.command("CLUSTER", "KEYSLOT", key))  # type: ignore[call-overload]
+        for start, end, owner, *_ in first.command("CLUSTER", "SLOTS"):  # type: ignore[union-attr]
+            if start <= slot <= end:
+                return next(node for node in self.nodes if node.port == int(owner[1]))
+        raise RuntimeError(f"no node serves slot {slot}")
+
+    def subscribers(self, channel: str) -> list[ClusterNodeServer]:
+        """The nodes where a client is subscribed to `channel` (PUBSUB NUMSUB counts one node's own)."""
+        return [node for node in self.live_nodes() if int(node.command("PUBSUB", "NUMSUB", channel)[1]) > 0]  # type: ignore[index]
+
+    def wait_until_healthy(self, *, timeout: float = 60) -> None:
+        """Every live node says cluster_state:ok, every slot is served by a live primary, and every live
+        replica is in sync with its primary."""
+
+        def healthy() -> bool:
+            live = {node.port for node in self.live_nodes()}
+            for node in self.live_nodes():
+                if self.role(node) == "slave" and node.command("ROLE")[3] != "connected":  # type: ignore[index]
+                    return False
+                info = str(node.command("CLUSTER", "INFO"))
+                if "cluster_state:ok" not in info:
+                    return False
+                slots = node.command("CLUSTER", "SLOTS")
+                if sum(end - start + 1 for start, end, *_ in slots) != 16384:  # type: ignore[union-attr]
+                    return False
+                if any(int(owner[1]) not in live for _, _, owner, *_ in slots):  # type: ignore[union-attr]
+                    return False
+            return True
+
+        _poll(healthy, "the cluster never reached cluster_state:ok", timeout=timeout)
+
+    def kill_and_wait_for_promotion(self, primary: ClusterNodeServer) -> ClusterNodeServer:
+        """Kill a primary; its replica is promoted and every live node agrees. Returns the promoted one."""
+        replica = self.replica_of(primary)
+        primary.kill()
+        _poll(lambda: self.role(replica) == "master", "the replica was never promoted", timeout=60)
+        self.wait_until_healthy()
+        return replica
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()

@@ -13,7 +13,8 @@ script is missing, as after a Redis restart), integer, bulk and array replies. A
 to redis-py (shared.py), with its cost. Any failure closes the connection, fails what is waiting, and the
 next call connects again: callers see an OSError (a ConnectionError or a TimeoutError) or a ReplyError.
 
-One batch holds keys of many tokens: a Redis Cluster would need one batch per hash slot.
+One batch holds keys of many tokens. On a Redis Cluster a script's keys must share one hash slot, so a call
+names its slot (`group`) and the turn's calls are batched per slot (cluster_pipes.py); one Redis has one.
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ class ScriptPipe:
         self._timeout = timeout
         self._protocol: PipeProtocol | None = None
         self._connecting: asyncio.Task[PipeProtocol] | None = None
-        self._batch: _Batch | None = None
+        self._batches: dict[int, _Batch] = {}  # this turn's, by group (a cluster's hash slot)
         self._sending: set[asyncio.Future[None]] = set()
         self.batches_sent = 0
 
@@ -254,26 +255,35 @@ class ScriptPipe:
             self._protocol.transport.close()
         self._protocol = None
 
-    def call(self, keys: bytes, arguments: bytes) -> asyncio.Future[bytes]:
-        """Adds one call to this turn's batch: its keys and its arguments, each already a run of bulk strings
-        (`bulk`). The future is the call's line of the reply; it fails with an OSError or a ReplyError."""
+    def call(self, keys: bytes, arguments: bytes, group: int = 0) -> asyncio.Future[bytes]:
+        """Adds one call to this turn's batch of its `group` (calls of different groups never share an
+        EVALSHA): its keys and its arguments, each already a run of bulk strings (`bulk`). The future is the
+        call's line of the reply; it fails with an OSError or a ReplyError."""
         loop = asyncio.get_running_loop()
-        batch = self._batch
+        batches = self._batches
+        batch = batches.get(group)
         if batch is None:
-            batch = self._batch = _Batch(self)
-            loop.call_soon(self._send)
+            if not batches:
+                loop.call_soon(self._send_all)
+            batch = batches[group] = _Batch(self)
         batch.keys.append(keys)
         batch.arguments.append(arguments)
         caller: asyncio.Future[bytes] = loop.create_future()
         batch.callers.append(caller)
         if len(batch.callers) >= MAX_BATCH:
-            self._send()  # the turn's later calls start another batch
+            del batches[group]  # the turn's later calls of this group start another batch
+            self._send(batch)
         return caller
 
-    def _send(self) -> None:
-        batch, self._batch = self._batch, None
-        if batch is None:  # sent when it was full; nothing came after
+    def _send_all(self) -> None:
+        batches = self._batches
+        if not batches:  # each was sent when it was full; nothing came after
             return
+        self._batches = {}
+        for batch in batches.values():
+            self._send(batch)
+
+    def _send(self, batch: _Batch) -> None:
         protocol = self._protocol
         if protocol is None or protocol.lost:
             sending = asyncio.ensure_future(self._send_once_connected(batch))

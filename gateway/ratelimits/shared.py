@@ -1,5 +1,6 @@
 """Limits shared by every replica: one Lua script decides each request, run by Redis atomically (one EVALSHA
-per event-loop turn, for every request of that turn, on the connection of pipe.py; one per request through
+per event-loop turn, for every request of that turn, on the connection of pipe.py; on a Redis Cluster, one
+per turn and hash slot on the pipe to the slot's primary (cluster_pipes.py); one per request through
 redis-py for a TLS URL).
 
 The script reads the token's quota counter and its GCRA arrival time (gcra.py explains GCRA), decides, and
@@ -31,13 +32,15 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple, cast
 
-import redis.asyncio as redis
+from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError
 
 from gateway.outage import OutageLog
+from gateway.ratelimits.cluster_pipes import ClusterPipes
 from gateway.ratelimits.gcra import EPOCH, QUOTA_EXCEEDED, RATE_LIMITED, LimitOutcome, LocalLimiter
 from gateway.ratelimits.pipe import ReplyError, ScriptPipe, bulk
 from gateway.ratelimits.policy import Quota, RateLimit
+from gateway.redis_cluster import GatewayCluster, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +152,21 @@ def lasting_keys(key_prefix: str, token_id: str) -> tuple[str, ...]:
     return limit_key(key_prefix, token_id, "rate"), limit_key(key_prefix, token_id, "quota:total")
 
 
-def _pipe_for(client: redis.Redis) -> ScriptPipe | None:
-    """The fast connection (pipe.py) to the Redis `client` talks to, or None for TLS (redis-py then runs the
-    script)."""
+def _pipe_for(client: RedisClient) -> ScriptPipe | ClusterPipes | None:
+    """The fast connection (pipe.py) to the Redis `client` talks to (on a cluster, one per primary), or None
+    for TLS (redis-py then runs the script)."""
+    if isinstance(client, GatewayCluster):
+        if client.connection_kwargs.get("connection_class", Connection) is not Connection:
+            return None
+        script = client.register_script(CHECK_SCRIPT)
+        return ClusterPipes(
+            client,
+            CHECK_SCRIPT,
+            lambda keys, arguments: script(keys=keys, args=arguments),
+            keys_per_call=2,
+            arguments_per_call=2,
+            timeout=float(client.connection_kwargs.get("socket_timeout") or 0.5),
+        )
     pool = client.connection_pool
     options = pool.connection_kwargs
     if "path" in options:
@@ -175,7 +190,7 @@ def _pipe_for(client: redis.Redis) -> ScriptPipe | None:
 class RedisLimiter:
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         fallback: LocalLimiter,
         *,
         key_prefix: str = "gateway:",
@@ -184,7 +199,9 @@ class RedisLimiter:
         max_entries: int = 100_000,
     ) -> None:
         self._script = client.register_script(CHECK_SCRIPT)
-        self._pipe = _pipe_for(client)
+        pipe = _pipe_for(client)
+        self._pipe = pipe if isinstance(pipe, ScriptPipe) else None
+        self._cluster_pipes = pipe if isinstance(pipe, ClusterPipes) else None
         self._fallback = fallback
         self._prefix = key_prefix
         self._outage = outage or OutageLog(log, "redis")
@@ -199,6 +216,8 @@ class RedisLimiter:
     async def close(self) -> None:
         if self._pipe is not None:
             await self._pipe.close()
+        if self._cluster_pipes is not None:
+            await self._cluster_pipes.close()
 
     async def check(
         self,
@@ -220,6 +239,11 @@ class RedisLimiter:
         try:
             if self._pipe is not None:
                 line = await self._pipe.call(call.encoded_keys, call.arguments % ((now - EPOCH) * 1e9))
+            elif self._cluster_pipes is not None:
+                nanoseconds = (now - EPOCH) * 1e9
+                line = await self._cluster_pipes.call(
+                    call.keys, call.encoded_keys, call.arguments % nanoseconds, (_NOW % nanoseconds, call.limits)
+                )
             else:
                 line = await self._script(keys=call.keys, args=(_NOW % ((now - EPOCH) * 1e9), call.limits))
                 line = line.encode() if isinstance(line, str) else line

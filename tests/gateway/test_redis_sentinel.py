@@ -105,7 +105,6 @@ async def test_a_change_no_replica_confirmed_stays_in_the_outbox_until_one_does(
         ("redis+sentinel://127.0.0.1:26379,127.0.0.1:x/main", "HOST:PORT"),
         ("redis+sentinel://:hunter2-secret@127.0.0.1:26379/main/zero", "database number"),
         ("redis+sentinel://:hunter2-secret@127.0.0.1:26379/main?db=1", "query"),
-        ("redis+cluster://127.0.0.1:7000", "Redis Cluster is not supported yet"),
         ("redis+sentinel://:hunter2/secret@127.0.0.1:26379/main", "HOST:PORT"),  # an unescaped / in it
         ("redis+sentinel://:x@127.0.0.1:26379/a/hunter2", "database number"),
     ],
