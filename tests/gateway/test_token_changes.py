@@ -31,6 +31,7 @@ from gateway.token_changes import LocalTokenChanges, RedisTokenChanges
 from gateway.token_format import new_token_id
 from gateway.tokens import AuditEvent, TokenRecord, TokenStatus
 from tests.conftest import Gateway, eventually
+from tests.gateway.test_store_down import ruin_sqlite_file
 from tests.redis_server import RedisServer, SentinelSet, free_port
 
 
@@ -166,15 +167,6 @@ async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
 
 async def failed_at_least(tokens: RedisTokens, failures: int) -> bool:
     return tokens.outage.failures >= failures
-
-
-def ruin(path: Path) -> None:
-    """Overwrite the SQLite file and its WAL in place, as a failing disk would: every read of it fails."""
-    for file in path.parent.iterdir():
-        if file.name.startswith(path.name):
-            size = file.stat().st_size
-            with file.open("r+b") as opened:
-                opened.write(b"\xff" * size)
 
 
 async def test_a_change_is_written_to_redis_announced_with_its_commit_time_and_acknowledged(
@@ -344,7 +336,7 @@ async def test_a_store_that_cannot_be_read_is_logged_by_delivery_and_by_the_retr
     caplog.set_level(logging.DEBUG, logger="gateway")
     delivery: Delivery = await make_delivery(redis_url, listen=False)  # type: ignore[misc]
     record = await create(delivery.store)
-    ruin(tmp_path / "gateway.db")
+    ruin_sqlite_file(tmp_path / "gateway.db")
     with pytest.raises(StoreUnavailable) as raised:
         await delivery.store.pending_changes()
     reason = describe(raised.value)
