@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from gateway.store import SQLiteStore
 from gateway.token_cache import TokenCache
 from gateway.token_format import TokenString, checksum_matches, issue_token, new_token_id
 from gateway.tokens import AuditEvent, TokenRecord, TokenStatus
+from tests.conftest import GatedStore
 from tests.gateway.test_store_down import ruin_sqlite_file
 
 PREFIX = "gw"
@@ -174,20 +176,29 @@ async def test_accept_known_answers_a_warm_secret_at_once_and_defers_everything_
 
 
 class Clock:
-    """Unix seconds that move only when the test says so."""
+    """Unix seconds that move only when the test says so (whole seconds, so stamps convert back exactly)."""
 
     def __init__(self) -> None:
-        self.now = datetime.now(UTC).timestamp()
+        self.now = float(int(datetime.now(UTC).timestamp()))
 
     def __call__(self) -> float:
         return self.now
 
 
-def _authenticator(setup: Setup, *, clock: Clock | None = None, **limits: int) -> Authenticator:
+def _authenticator(
+    setup: Setup,
+    *,
+    clock: Clock | None = None,
+    hasher: SecretHasher | None = None,
+    origin: SQLiteStore | None = None,
+    **limits: int,
+) -> Authenticator:
     """Its own cache (memos live in the entries) and its own failure limits, on the setup's store."""
-    cache = TokenCache(setup.store, {})
+    cache = TokenCache(setup.store, {}, origin=origin)
     options = {"clock": clock} if clock is not None else {}
-    return Authenticator(cache, setup.hasher, prefix=PREFIX, limits=FailureLimits(**limits), **options)
+    return Authenticator(
+        cache, hasher or setup.hasher, prefix=PREFIX, limits=FailureLimits(**limits), **options  # type: ignore[arg-type]
+    )
 
 
 def _wrong_secret(token: TokenString, n: int) -> str:
@@ -386,3 +397,134 @@ async def test_a_wrong_secret_remembered_during_a_grace_is_judged_again_once_the
     assert (await _refusal(authenticator, wrong)).code == "invalid_token"
     assert setup.hasher.verify_calls == 3  # the current hash alone
     assert (await _refusal(authenticator, str(setup.token))).code == "invalid_token"  # the grace has ended
+
+
+class ChangingHasher(SecretHasher):
+    """The real hasher, which lets the test commit a change while argon2 runs (as another request could)."""
+
+    def __init__(self, parameters: Argon2Parameters) -> None:
+        super().__init__(parameters)
+        self.during_next_verify: Callable[[], Awaitable[None]] | None = None
+
+    async def verify(self, secret_hash: str, secret: str) -> bool:
+        verdict = await super().verify(secret_hash, secret)
+        during, self.during_next_verify = self.during_next_verify, None
+        if during is not None:
+            await during()
+        return verdict
+
+
+async def test_a_wrong_secret_is_refused_when_the_token_changes_while_argon2_judges_it(setup: Setup) -> None:
+    hasher = ChangingHasher(Argon2Parameters(time_cost=1, memory_cost_kib=64))
+    try:
+        authenticator = _authenticator(setup, hasher=hasher)
+        await authenticator.authenticate(str(setup.token), SOURCE)
+
+        async def renamed() -> None:
+            authenticator._cache.apply(await _change(setup, name="renamed"))
+
+        hasher.during_next_verify = renamed
+        error = await _refusal(authenticator, _wrong_secret(setup.token, 1))
+
+        assert (error.status, error.code) == (401, "invalid_token")
+        # The new version has the same hashes: the secret, remembered wrong against them, costs no second argon2.
+        assert hasher.verify_calls == 2
+    finally:
+        hasher.close()
+
+
+async def test_a_wrong_secret_is_refused_when_the_store_holds_secrets_the_cache_missed(setup: Setup) -> None:
+    authenticator = _authenticator(setup)
+    await authenticator.authenticate(str(setup.token), SOURCE)
+    new_token = issue_token(PREFIX, setup.token.token_id)
+    await _change(setup, secret_hash=await setup.hasher.hash(new_token.secret))  # the notification was lost
+
+    error = await _refusal(authenticator, _wrong_secret(setup.token, 1))
+
+    assert (error.status, error.code) == (401, "invalid_token")
+    assert (await authenticator.authenticate(str(new_token), SOURCE)).record.id == setup.token.token_id
+
+
+async def test_a_wrong_secret_presented_twice_costs_one_argon2_even_with_room_for_one_failure(setup: Setup) -> None:
+    authenticator = _authenticator(setup, remembered_failures=1)
+    wrong = _wrong_secret(setup.token, 1)
+    for _ in range(3):
+        assert (await _refusal(authenticator, wrong)).code == "invalid_token"
+    assert setup.hasher.verify_calls == 1
+
+
+async def test_concurrent_requests_with_one_wrong_secret_count_as_one_failure(setup: Setup) -> None:
+    authenticator = _authenticator(setup, per_source=2)
+    wrong = _wrong_secret(setup.token, 1)
+    refusals = await asyncio.gather(*(_refusal(authenticator, wrong) for _ in range(3)))
+    assert [error.code for error in refusals] == ["invalid_token"] * 3
+    assert setup.hasher.verify_calls == 1
+
+    assert (await _refusal(authenticator, _wrong_secret(setup.token, 2))).code == "invalid_token"  # the 2nd failure
+    assert (await _refusal(authenticator, _wrong_secret(setup.token, 3))).code == "too_many_failures"
+
+
+async def test_a_request_arriving_while_a_wrong_secret_is_rechecked_costs_no_second_argon2(
+    setup: Setup, tmp_path: Path
+) -> None:
+    gated = GatedStore(tmp_path / "tokens.db")
+    await gated.open()
+    try:
+        authenticator = _authenticator(setup, origin=gated)
+        await authenticator.authenticate(str(setup.token), SOURCE)
+        wrong = _wrong_secret(setup.token, 1)
+
+        first = asyncio.ensure_future(_refusal(authenticator, wrong))
+        await gated.read_done.wait()  # argon2 said wrong; the store of record is being asked for newer secrets
+        second = asyncio.ensure_future(_refusal(authenticator, wrong))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        gated.gate.set()
+
+        assert [(await first).code, (await second).code] == ["invalid_token", "invalid_token"]
+        assert setup.hasher.verify_calls == 2  # the right secret once, the wrong one once
+    finally:
+        await gated.close()
+
+
+async def test_a_fresh_process_judges_the_previous_secret_after_its_grace_against_the_current_hash_alone(
+    setup: Setup,
+) -> None:
+    clock = Clock()
+    new_token = issue_token(PREFIX, setup.token.token_id)
+    await _change(
+        setup,
+        secret_hash=await setup.hasher.hash(new_token.secret),
+        previous_secret_hash=setup.record.secret_hash,
+        previous_secret_expires_at=datetime.fromtimestamp(clock.now, UTC),  # ends now
+    )
+    authenticator = _authenticator(setup, clock=clock)
+
+    assert (await _refusal(authenticator, str(setup.token))).code == "invalid_token"
+    assert setup.hasher.verify_calls == 1
+    assert (await _refusal(authenticator, str(setup.token))).code == "invalid_token"
+    assert setup.hasher.verify_calls == 1
+
+
+async def test_the_previous_secret_in_its_grace_costs_argon2_once_then_is_known(setup: Setup) -> None:
+    clock = Clock()
+    new_token = issue_token(PREFIX, setup.token.token_id)
+    await _change(
+        setup,
+        secret_hash=await setup.hasher.hash(new_token.secret),
+        previous_secret_hash=setup.record.secret_hash,
+        previous_secret_expires_at=datetime.fromtimestamp(clock.now + 1, UTC),
+    )
+    authenticator = _authenticator(setup, clock=clock)
+    identified = authenticator.identify(str(setup.token))
+
+    for _ in range(3):
+        entry = await authenticator.authenticate(identified, SOURCE)
+    assert setup.hasher.verify_calls == 2  # against the current hash, then the previous one: once
+    assert authenticator.accept_known(identified) is entry
+
+    clock.now += 1 - 0.000001
+    assert authenticator.accept_known(identified) is entry
+    clock.now = clock.now + 0.000001
+    assert authenticator.accept_known(identified) is None  # the grace ends at its stamp exactly
+    assert (await _refusal(authenticator, str(setup.token))).code == "invalid_token"
