@@ -1,6 +1,7 @@
 """Each proxy process listens for token changes on Redis pub/sub and refreshes what it holds.
 
-If the subscription drops, the process notices (the read fails or the health-check ping does), keeps serving
+If the subscription drops, the process notices (the read fails, the ping fails, or the ping goes unanswered
+for a second: a stopped or cut-off Redis keeps the connection open and silent), keeps serving
 with entries no older than the cache ttl, reconnects with backoff, and on reconnect marks every entry stale:
 whatever was published while it was away is picked up on next use.
 """
@@ -13,6 +14,7 @@ import time
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.background import raise_if_cancelling
 from gateway.metrics import Metrics
@@ -61,11 +63,16 @@ class InvalidationListener:
                 self.subscriptions += 1
                 self.connected.set()
                 backoff = 0.05
+                pinged = False
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is None:
+                        if pinged:  # open but silent (stopped, or cut off without a reset): as good as dead
+                            raise RedisTimeoutError("no answer to a ping within a second")
                         await pubsub.ping()  # a dead connection shows itself here, within a second or so
+                        pinged = True
                         continue
+                    pinged = False
                     if message.get("type") == "message":
                         self.messages += 1
                         self._received(message["data"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -103,4 +104,50 @@ async def test_a_proxy_started_while_redis_is_down_subscribes_once_it_answers(
         await eventually(disabled)
     finally:
         starting.cancel()
+        server.kill()
+
+
+async def test_a_redis_that_stops_answering_is_noticed_by_the_listener_and_every_entry_refreshed_after(
+    start_gateway: GatewayFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopped Redis keeps its connections open and silent: only an unanswered ping tells. Without noticing,
+    the proxy would keep its subscription and never refresh what it missed meanwhile."""
+    caplog.set_level(logging.DEBUG, logger="gateway")
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        proxy = await start_gateway(planes=("proxy",), redis_url=server.url, cache_ttl=60)
+        admin = await start_gateway(planes=("admin",), redis_url=server.url, cache_ttl=60)
+        created = await admin.create_token()
+        assert (await proxy.call(created["token"])).status == 200
+        assert proxy.core.shared is not None and server.process is not None
+        listener = proxy.core.shared.listener
+        subscriptions = listener.subscriptions
+
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            async def noticed() -> bool:
+                return not listener.connected.is_set()
+
+            await eventually(noticed, attempts=300, pause=0.05)
+            # A change made meanwhile by an admin process that has no Redis: no message can carry it.
+            unreachable = await start_gateway(planes=("admin",))
+            status, _ = await unreachable.admin_call("POST", f"/v1/tokens/{created['id']}/disable")
+            assert status == 200
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+
+        async def resubscribed() -> bool:
+            return listener.connected.is_set() and listener.subscriptions > subscriptions
+
+        await eventually(resubscribed, attempts=300, pause=0.05)
+        # Redis still holds the token as enabled: only the refresh after reconnecting explains this.
+        response = await proxy.call(created["token"])
+        assert (response.status, (await response.json())["code"]) == (401, "token_disabled")
+        assert any(
+            "TimeoutError: no answer to a ping within a second" in record.getMessage()
+            for record in caplog.records
+            if record.name == "gateway.redis_tokens"
+        )
+    finally:
         server.kill()
