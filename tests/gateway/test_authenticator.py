@@ -404,13 +404,12 @@ class ChangingHasher(SecretHasher):
 
     def __init__(self, parameters: Argon2Parameters) -> None:
         super().__init__(parameters)
-        self.during_next_verify: Callable[[], Awaitable[None]] | None = None
+        self.during_verifications: list[Callable[[], Awaitable[None]]] = []
 
     async def verify(self, secret_hash: str, secret: str) -> bool:
         verdict = await super().verify(secret_hash, secret)
-        during, self.during_next_verify = self.during_next_verify, None
-        if during is not None:
-            await during()
+        if self.during_verifications:
+            await self.during_verifications.pop(0)()
         return verdict
 
 
@@ -423,7 +422,7 @@ async def test_a_wrong_secret_is_refused_when_the_token_changes_while_argon2_jud
         async def renamed() -> None:
             authenticator._cache.apply(await _change(setup, name="renamed"))
 
-        hasher.during_next_verify = renamed
+        hasher.during_verifications = [renamed]
         error = await _refusal(authenticator, _wrong_secret(setup.token, 1))
 
         assert (error.status, error.code) == (401, "invalid_token")
@@ -528,3 +527,29 @@ async def test_the_previous_secret_in_its_grace_costs_argon2_once_then_is_known(
     clock.now = clock.now + 0.000001
     assert authenticator.accept_known(identified) is None  # the grace ends at its stamp exactly
     assert (await _refusal(authenticator, str(setup.token))).code == "invalid_token"
+
+
+async def test_a_secret_is_judged_against_at_most_three_versions_of_a_token_changing_meanwhile(setup: Setup) -> None:
+    """A token rotated during each verification is not chased forever: after three versions, the request is
+    refused, even though the secret is right for the fourth."""
+    hasher = ChangingHasher(Argon2Parameters(time_cost=1, memory_cost_kib=64))
+    try:
+        authenticator = _authenticator(setup, hasher=hasher)
+        await authenticator.authenticate(str(setup.token), SOURCE)
+        secrets = [issue_token(PREFIX, setup.token.token_id) for _ in range(3)]
+
+        def rotation_to(secret: TokenString) -> Callable[[], Awaitable[None]]:
+            async def rotate() -> None:
+                authenticator._cache.apply(await _change(setup, secret_hash=await setup.hasher.hash(secret.secret)))
+
+            return rotate
+
+        hasher.during_verifications = [rotation_to(secret) for secret in secrets]
+        final = secrets[-1]
+        error = await _refusal(authenticator, str(final))
+
+        assert (error.status, error.code) == (401, "invalid_token")
+        assert hasher.verify_calls == 4  # the first secret, then the last one against three versions
+        assert (await authenticator.authenticate(str(final), SOURCE)).record.version == 4
+    finally:
+        hasher.close()
