@@ -12,7 +12,7 @@ import dataclasses
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,10 +103,14 @@ class Delivery:
         await eventually(enough)
 
 
-async def _listen(client: redis.Redis, channel: str, heard: list[bytes], ready: asyncio.Event) -> None:
+async def _listen(url: str, channel: str, heard: list[bytes], ready: asyncio.Event) -> None:
+    """What every proxy hears: the messages on the change channel, from the subscribe confirmation on."""
+    client = redis.Redis.from_url(url)
     pubsub = client.pubsub()
     try:
         await pubsub.subscribe(channel)
+        while (await pubsub.get_message(timeout=1.0)) is None:
+            pass
         ready.set()
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -114,10 +118,15 @@ async def _listen(client: redis.Redis, channel: str, heard: list[bytes], ready: 
                 heard.append(message["data"])
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await client.aclose()
+
+
+MakeDelivery = Callable[..., Awaitable[Delivery]]
+OpenPostgres = Callable[..., Awaitable[PostgresStore]]
 
 
 @pytest.fixture
-async def make_delivery(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
+async def make_delivery(tmp_path: Path) -> AsyncIterator[MakeDelivery]:
     opened: list[tuple[TokenStore, redis.Redis]] = []
     listeners: list[asyncio.Task[None]] = []
 
@@ -141,7 +150,7 @@ async def make_delivery(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
         if listen:
             ready = asyncio.Event()
             listeners.append(
-                asyncio.ensure_future(_listen(redis.Redis.from_url(redis_url), tokens.keys.changes_channel, heard, ready))
+                asyncio.ensure_future(_listen(redis_url, tokens.keys.changes_channel, heard, ready))
             )
             await asyncio.wait_for(ready.wait(), timeout=10)
         return Delivery(store, client, tokens, cache, changes, heard)
@@ -170,9 +179,9 @@ async def failed_at_least(tokens: RedisTokens, failures: int) -> bool:
 
 
 async def test_a_change_is_written_to_redis_announced_with_its_commit_time_and_acknowledged(
-    make_delivery: Callable[..., object], redis_url: str
+    make_delivery: MakeDelivery, redis_url: str
 ) -> None:
-    delivery: Delivery = await make_delivery(redis_url)  # type: ignore[misc]
+    delivery: Delivery = await make_delivery(redis_url)
     record = await create(delivery.store)
     assert await delivery.changes.deliver() == 1
     assert delivery.changes.delivered == 1
@@ -191,10 +200,10 @@ async def test_a_change_is_written_to_redis_announced_with_its_commit_time_and_a
 
 
 async def test_the_delivering_process_holds_the_change_before_changed_returns(
-    make_delivery: Callable[..., object], redis_url: str
+    make_delivery: MakeDelivery, redis_url: str
 ) -> None:
     """Its own proxy plane answers from the change at once, not once its message comes back."""
-    delivery: Delivery = await make_delivery(redis_url, listen=False)  # type: ignore[misc]
+    delivery: Delivery = await make_delivery(redis_url, listen=False)
     record = await create(delivery.store)
     await delivery.changes.changed(record)
     entry = await delivery.cache.get(record.id)
@@ -210,9 +219,9 @@ async def test_the_delivering_process_holds_the_change_before_changed_returns(
 
 
 async def test_a_delete_leaves_a_tombstone_and_is_announced_without_a_time(
-    make_delivery: Callable[..., object], redis_url: str
+    make_delivery: MakeDelivery, redis_url: str
 ) -> None:
-    delivery: Delivery = await make_delivery(redis_url)  # type: ignore[misc]
+    delivery: Delivery = await make_delivery(redis_url)
     record = await create(delivery.store)
     await delivery.changes.changed(record)
     await delete(delivery.store, record.id)
@@ -226,9 +235,9 @@ async def test_a_delete_leaves_a_tombstone_and_is_announced_without_a_time(
 
 
 async def test_many_changes_of_one_token_are_delivered_once_and_counted_by_token(
-    make_delivery: Callable[..., object], redis_url: str
+    make_delivery: MakeDelivery, redis_url: str
 ) -> None:
-    delivery: Delivery = await make_delivery(redis_url)  # type: ignore[misc]
+    delivery: Delivery = await make_delivery(redis_url)
     first, second = await create(delivery.store), await create(delivery.store)
     await disable(delivery.store, first.id)
     assert len(await delivery.store.pending_changes()) == 3
@@ -244,7 +253,7 @@ async def test_many_changes_of_one_token_are_delivered_once_and_counted_by_token
 
 
 async def test_a_change_committed_while_a_delivery_runs_stays_in_the_outbox_for_the_next(
-    make_delivery: Callable[..., object], redis_url: str, tmp_path: Path
+    make_delivery: MakeDelivery, redis_url: str, tmp_path: Path
 ) -> None:
     from tests.conftest import GatedStore
 
@@ -253,7 +262,7 @@ async def test_a_change_committed_while_a_delivery_runs_stays_in_the_outbox_for_
     try:
         gated = GatedStore(tmp_path / "gateway.db")
         await gated.open()
-        delivery: Delivery = await make_delivery(redis_url, store=gated, listen=False)  # type: ignore[misc]
+        delivery: Delivery = await make_delivery(redis_url, store=gated, listen=False)
         first = await create(writer)
         delivering = asyncio.ensure_future(delivery.changes.deliver())
         await gated.read_done.wait()  # the delivery read the outbox and is reading the token ...
@@ -270,10 +279,10 @@ async def test_a_change_committed_while_a_delivery_runs_stays_in_the_outbox_for_
 
 
 async def test_redis_down_leaves_the_change_in_the_outbox_and_the_retry_loop_delivers_it_when_back(
-    make_delivery: Callable[..., object], own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+    make_delivery: MakeDelivery, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="gateway")
-    delivery: Delivery = await make_delivery(own_redis.url, listen=False)  # type: ignore[misc]
+    delivery: Delivery = await make_delivery(own_redis.url, listen=False)
     record = await create(delivery.store)
     own_redis.kill()
 
@@ -309,11 +318,11 @@ async def test_redis_down_leaves_the_change_in_the_outbox_and_the_retry_loop_del
 
 
 async def test_the_retry_loop_names_what_failed_when_redis_fails_first(
-    make_delivery: Callable[..., object], caplog: pytest.LogCaptureFixture
+    make_delivery: MakeDelivery, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="gateway")
     port = free_port()  # nothing listens there
-    delivery: Delivery = await make_delivery(f"redis://127.0.0.1:{port}/0", listen=False)  # type: ignore[misc]
+    delivery: Delivery = await make_delivery(f"redis://127.0.0.1:{port}/0", listen=False)
     record = await create(delivery.store)
 
     retrying = asyncio.ensure_future(delivery.changes.run(interval=0.01))
@@ -331,10 +340,10 @@ async def test_the_retry_loop_names_what_failed_when_redis_fails_first(
 
 
 async def test_a_store_that_cannot_be_read_is_logged_by_delivery_and_by_the_retry_loop(
-    make_delivery: Callable[..., object], redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    make_delivery: MakeDelivery, redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="gateway")
-    delivery: Delivery = await make_delivery(redis_url, listen=False)  # type: ignore[misc]
+    delivery: Delivery = await make_delivery(redis_url, listen=False)
     record = await create(delivery.store)
     ruin_sqlite_file(tmp_path / "gateway.db")
     with pytest.raises(StoreUnavailable) as raised:
@@ -363,12 +372,12 @@ async def test_a_store_that_cannot_be_read_is_logged_by_delivery_and_by_the_retr
 
 
 async def test_a_redis_that_stops_answering_holds_the_admin_api_up_for_the_delivery_timeout_only(
-    make_delivery: Callable[..., object], own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+    make_delivery: MakeDelivery, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway")
     # A client without a socket timeout: only the delivery timeout can end the wait.
     client = redis.Redis.from_url(own_redis.url)
-    delivery: Delivery = await make_delivery(  # type: ignore[misc]
+    delivery: Delivery = await make_delivery(
         own_redis.url, client=client, listen=False, delivery_timeout=0.05
     )
     record = await create(delivery.store)
@@ -391,9 +400,9 @@ async def test_a_redis_that_stops_answering_holds_the_admin_api_up_for_the_deliv
 
 
 async def test_one_retry_loop_per_process_and_a_new_one_after_the_first_is_cancelled(
-    make_delivery: Callable[..., object], own_redis: RedisServer
+    make_delivery: MakeDelivery, own_redis: RedisServer
 ) -> None:
-    delivery: Delivery = await make_delivery(own_redis.url, listen=False)  # type: ignore[misc]
+    delivery: Delivery = await make_delivery(own_redis.url, listen=False)
     first = asyncio.ensure_future(delivery.changes.run(interval=0.01))
     await asyncio.sleep(0)
     await asyncio.wait_for(delivery.changes.run(interval=0.01), timeout=10)  # a second caller returns at once
@@ -432,7 +441,7 @@ async def test_one_process_alone_writes_a_delete_through_to_its_cache(gateway: G
 
 
 @pytest.fixture
-async def postgres_stores(postgres_url: str) -> AsyncIterator[Callable[..., object]]:
+async def postgres_stores(postgres_url: str) -> AsyncIterator[OpenPostgres]:
     opened: list[PostgresStore] = []
 
     async def open_store(**options: object) -> PostgresStore:
@@ -447,11 +456,11 @@ async def postgres_stores(postgres_url: str) -> AsyncIterator[Callable[..., obje
 
 
 async def test_on_postgres_a_process_without_the_turn_leaves_the_outbox_to_the_one_holding_it(
-    make_delivery: Callable[..., object], postgres_stores: Callable[..., object], redis_url: str
+    make_delivery: MakeDelivery, postgres_stores: OpenPostgres, redis_url: str
 ) -> None:
-    holder: PostgresStore = await postgres_stores()  # type: ignore[misc]
-    store: PostgresStore = await postgres_stores()  # type: ignore[misc]
-    delivery: Delivery = await make_delivery(redis_url, store=store, turn=store.delivery_turn, listen=False)  # type: ignore[misc]
+    holder: PostgresStore = await postgres_stores()
+    store: PostgresStore = await postgres_stores()
+    delivery: Delivery = await make_delivery(redis_url, store=store, turn=store.delivery_turn, listen=False)
     record = await create(store)
 
     async with holder.delivery_turn(wait=True) as mine:
@@ -472,12 +481,12 @@ async def test_on_postgres_a_process_without_the_turn_leaves_the_outbox_to_the_o
 
 
 async def test_on_postgres_the_retry_loop_does_not_queue_for_the_turn(
-    make_delivery: Callable[..., object], postgres_stores: Callable[..., object], redis_url: str
+    make_delivery: MakeDelivery, postgres_stores: OpenPostgres, redis_url: str
 ) -> None:
     """With one pooled connection, a loop waiting for the lock would hold it, and the proxy could read no token."""
-    holder: PostgresStore = await postgres_stores()  # type: ignore[misc]
-    store: PostgresStore = await postgres_stores(pool_size=1)  # type: ignore[misc]
-    delivery: Delivery = await make_delivery(redis_url, store=store, turn=store.delivery_turn, listen=False)  # type: ignore[misc]
+    holder: PostgresStore = await postgres_stores()
+    store: PostgresStore = await postgres_stores(pool_size=1)
+    delivery: Delivery = await make_delivery(redis_url, store=store, turn=store.delivery_turn, listen=False)
     record = await create(store)
 
     async with holder.delivery_turn(wait=True):
@@ -509,11 +518,11 @@ async def one_sentinel(tmp_path: Path) -> AsyncIterator[SentinelSet]:
 
 
 async def test_with_sentinel_a_change_no_replica_confirmed_stays_in_the_outbox_until_one_does(
-    make_delivery: Callable[..., object], one_sentinel: SentinelSet, caplog: pytest.LogCaptureFixture
+    make_delivery: MakeDelivery, one_sentinel: SentinelSet, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway")
     client = connect(one_sentinel.url())
-    delivery: Delivery = await make_delivery(one_sentinel.primary.url, client=client, listen=False)  # type: ignore[misc]
+    delivery: Delivery = await make_delivery(one_sentinel.primary.url, client=client, listen=False)
     record = await create(delivery.store)
     assert await delivery.changes.deliver() == 1  # the replica confirms
     assert await pending_ids(delivery.store) == []
