@@ -1,5 +1,6 @@
 """A proxy's change listener on a real Redis: what a message does to the token it names and to the propagation
-histogram, and a subscription made only once Redis answers."""
+histogram, a subscription made only once Redis answers, and a Redis gone silent noticed by an unanswered ping
+(the in-process listeners poll every 50 ms, so a quiet channel's pings are seen without waiting seconds)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis.asyncio as redis
 from pytest_aiohttp import AiohttpClient
 
+from gateway.invalidation import InvalidationListener
 from gateway.metrics.listener import create_metrics_app
+from gateway.redis_tokens import RedisKeys, RedisTokens, connect, disconnect
+from gateway.store import SQLiteStore
+from gateway.token_cache import TokenCache
 from tests.conftest import Gateway, GatewayFactory, eventually
 from tests.gateway.test_metrics import Samples, parse, value
 from tests.redis_server import RedisServer
@@ -145,9 +153,86 @@ async def test_a_redis_that_stops_answering_is_noticed_by_the_listener_and_every
         response = await proxy.call(created["token"])
         assert (response.status, (await response.json())["code"]) == (401, "token_disabled")
         assert any(
-            "TimeoutError: no answer to a ping within a second" in record.getMessage()
+            "TimeoutError: no answer to a ping within 1 s" in record.getMessage()
             for record in caplog.records
             if record.name == "gateway.redis_tokens"
         )
     finally:
         server.kill()
+
+
+@dataclass
+class Listening:
+    listener: InvalidationListener
+    client: redis.Redis
+    channel: str
+
+
+@pytest.fixture
+async def listening(redis_url: str, tmp_path: Path) -> AsyncIterator[Callable[[], Awaitable[Listening]]]:
+    """A proxy's listener in-process on the shared Redis, polling every 50 ms instead of every second."""
+    store = SQLiteStore(tmp_path / "gateway.db")
+    await store.open()
+    client = connect(redis_url)
+    tokens = RedisTokens(client, store)
+    listener = InvalidationListener(client, tokens, TokenCache(tokens, {}), poll_interval=0.05)
+    running: list[asyncio.Task[None]] = []
+
+    async def start() -> Listening:
+        running.append(asyncio.ensure_future(listener.run()))
+        return Listening(listener, client, tokens.keys.changes_channel)
+
+    yield start
+    for task in running:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await disconnect(client)
+    await store.close()
+
+
+async def _pings(client: redis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_ping", {}).get("calls", 0))
+
+
+async def test_a_quiet_channel_keeps_its_one_subscription_and_its_pings_are_answered(
+    listening: Callable[[], Awaitable[Listening]],
+) -> None:
+    started = await listening()
+    await asyncio.wait_for(started.listener.connected.wait(), timeout=10)
+    pings = await _pings(started.client)
+
+    async def pinged_thrice() -> bool:
+        return await _pings(started.client) >= pings + 3
+
+    await eventually(pinged_thrice)
+    assert started.listener.connected.is_set()
+    assert (started.listener.subscriptions, started.listener.messages) == (1, 0)
+
+
+async def test_a_busy_channel_does_not_keep_the_listener_from_subscribing(
+    listening: Callable[[], Awaitable[Listening]], redis_url: str
+) -> None:
+    """Only the subscribe confirmation is waited for: messages already flowing are heard, not drained."""
+    publisher = connect(redis_url)
+    channel = RedisKeys("gateway:").changes_channel  # the default prefix, as the listener's RedisTokens has
+
+    async def publish_every_10_ms() -> None:
+        while True:
+            await publisher.publish(channel, "tokAAAAAAAAAAAAA")
+            await asyncio.sleep(0.01)
+
+    publishing = asyncio.ensure_future(publish_every_10_ms())
+    try:
+        started = await listening()
+        await asyncio.wait_for(started.listener.connected.wait(), timeout=10)
+
+        async def heard() -> bool:
+            return started.listener.messages >= 3
+
+        await eventually(heard)
+        assert started.listener.subscriptions == 1
+    finally:
+        publishing.cancel()
+        await asyncio.gather(publishing, return_exceptions=True)
+        await disconnect(publisher)
