@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 from gateway.credentials import invalid_token
@@ -48,11 +49,11 @@ def _token_refused(code: str, detail: str) -> GatewayError:
     return GatewayError(401, code, detail, headers={"WWW-Authenticate": header})
 
 
-def _check_usable(entry: CachedToken) -> None:
+def _check_usable(entry: CachedToken, clock: Callable[[], float]) -> None:
     """Only a caller holding the right secret gets here, so it may learn why the token is refused."""
     if not entry.enabled:
         raise _token_refused("token_disabled", "The token is disabled.")
-    if entry.expires_at is not None and time.time() >= entry.expires_at:
+    if entry.expires_at is not None and clock() >= entry.expires_at:
         raise _token_refused("token_expired", "The token has expired.")
 
 
@@ -65,12 +66,20 @@ def presented_previous(entry: CachedToken, digest: bytes) -> bool:
 
 class Authenticator:
     def __init__(
-        self, cache: TokenCache, hasher: SecretHasher, *, prefix: str, limits: FailureLimits | None = None
+        self,
+        cache: TokenCache,
+        hasher: SecretHasher,
+        *,
+        prefix: str,
+        limits: FailureLimits | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock` is the wall clock (unix seconds) that expiry and the end of a grace are judged by."""
         self._cache = cache
         self._hasher = hasher
         self._prefix = prefix
         self._limits = limits or FailureLimits()
+        self._clock = clock
 
     def identify(self, presented: str) -> IdentifiedToken:
         """The token's parts and memo digest, without the checksum or the store: a caller that sees the same
@@ -86,7 +95,7 @@ class Authenticator:
         entry = self._cache.get_fresh(presented.token.token_id)
         if entry is None or not self._memo_accepts(entry, presented.digest):
             return None
-        _check_usable(entry)
+        _check_usable(entry, self._clock)
         return entry
 
     async def authenticate(self, presented: str | IdentifiedToken, source: str) -> CachedToken:
@@ -115,7 +124,7 @@ class Authenticator:
             raise invalid_token()
         else:
             raise invalid_token()
-        _check_usable(entry)
+        _check_usable(entry, self._clock)
         return entry
 
     async def _newer_in_store(
@@ -134,7 +143,7 @@ class Authenticator:
         """Whether `entry`, the last version known, still lets this secret in now. For an open tunnel while the
         store cannot be read: expiry and the end of a grace period need no store."""
         try:
-            _check_usable(entry)
+            _check_usable(entry, self._clock)
         except GatewayError:
             return False
         return self._memo_accepts(entry, presented.digest)
@@ -183,6 +192,5 @@ class Authenticator:
         self._limits.remember_wrong(digest, self._hashes(entry))
         return False
 
-    @staticmethod
-    def _in_grace(entry: CachedToken) -> bool:
-        return entry.previous_secret_until is not None and time.time() < entry.previous_secret_until
+    def _in_grace(self, entry: CachedToken) -> bool:
+        return entry.previous_secret_until is not None and self._clock() < entry.previous_secret_until

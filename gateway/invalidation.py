@@ -1,10 +1,12 @@
 """Each proxy process listens for token changes on Redis pub/sub and refreshes what it holds.
 
-If the subscription drops, the process notices (the read fails or the health-check ping does), keeps serving
-with entries no older than the cache ttl, reconnects with backoff, and on reconnect marks every entry stale:
-whatever was published while it was away is picked up on next use. On a Redis Cluster the subscription is on
-one node (a classic PUBLISH reaches every node); when it drops, the listener reads the cluster's layout again
-and subscribes on the next node, so the loss of the node it listened on costs a reconnect, not the channel.
+If the subscription drops, the process notices (the read fails, the ping fails, or the ping goes unanswered
+for a poll interval, a second by default: a stopped or cut-off Redis keeps the connection open and silent),
+keeps serving with entries no older than the cache ttl, reconnects with backoff, and on reconnect marks every
+entry stale: whatever was published while it was away is picked up on next use. On a Redis Cluster the
+subscription is on one node (a classic PUBLISH reaches every node); when it drops, the listener reads the
+cluster's layout again and subscribes on the next node, so the loss of the node it listened on costs a
+reconnect, not the channel.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.background import raise_if_cancelling
 from gateway.metrics import Metrics
@@ -34,13 +37,17 @@ class InvalidationListener:
         *,
         distrust_after_reconnect: float = 2.0,
         max_backoff: float = 2.0,
+        poll_interval: float = 1.0,
         metrics: Metrics | None = None,
     ) -> None:
+        """`poll_interval`: how long a quiet channel is waited on before a ping, and how long a ping may go
+        unanswered before the connection counts as dead."""
         self._client = client
         self._tokens = tokens
         self._cache = cache
         self._distrust = distrust_after_reconnect
         self._max_backoff = max_backoff
+        self._poll = poll_interval
         self._metrics = metrics or Metrics()
         self.connected = asyncio.Event()
         self.subscriptions = 0
@@ -56,7 +63,7 @@ class InvalidationListener:
                 pubsub = await self._subscriber(reconnecting=not first)
                 await pubsub.subscribe(self._tokens.keys.changes_channel)
                 # The subscribe confirmation proves the connection; only then is the cache trusted again.
-                while (await pubsub.get_message(timeout=1.0)) is None:
+                while (await pubsub.get_message(timeout=self._poll)) is None:
                     pass
                 if not first:
                     self._cache.invalidate_all()
@@ -66,11 +73,16 @@ class InvalidationListener:
                 self.subscriptions += 1
                 self.connected.set()
                 backoff = 0.05
+                pinged = False
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._poll)
                     if message is None:
+                        if pinged:  # open but silent (stopped, or cut off without a reset): as good as dead
+                            raise RedisTimeoutError(f"no answer to a ping within {self._poll:g} s")
                         await pubsub.ping()  # a dead connection shows itself here, within a second or so
+                        pinged = True
                         continue
+                    pinged = False
                     if message.get("type") == "message":
                         self.messages += 1
                         self._received(message["data"])

@@ -65,6 +65,13 @@ async def test_rotate_refuses_the_old_secret_at_once(gateway: Gateway) -> None:
     assert await proxy_verdict(gateway, created["token"]) == INVALID
     assert await proxy_verdict(gateway, rotated["token"]) == OK
     assert rotated["previous_secret_expires_at"] is None
+    await _keeps_no_previous_hash(gateway, created["id"])
+
+
+async def _keeps_no_previous_hash(gateway: Gateway, token_id: str) -> None:
+    """Without a grace the old secret's hash is dropped, not kept where a leaked database would hold it."""
+    record = await gateway.core.store.get_token(token_id)
+    assert record is not None and record.previous_secret_hash is None
 
 
 async def test_rotate_with_zero_grace_refuses_the_old_secret_at_once(gateway: Gateway) -> None:
@@ -75,6 +82,7 @@ async def test_rotate_with_zero_grace_refuses_the_old_secret_at_once(gateway: Ga
 
     assert await proxy_verdict(gateway, created["token"]) == INVALID
     assert await proxy_verdict(gateway, rotated["token"]) == OK
+    await _keeps_no_previous_hash(gateway, created["id"])
 
 
 async def test_rotate_with_grace_keeps_the_old_secret_working(gateway: Gateway) -> None:
@@ -121,6 +129,7 @@ async def test_second_rotation_without_grace_refuses_every_earlier_secret(gatewa
     assert await proxy_verdict(gateway, second["token"]) == INVALID
     assert await proxy_verdict(gateway, third["token"]) == OK
     assert third["previous_secret_expires_at"] is None
+    await _keeps_no_previous_hash(gateway, created["id"])
 
 
 async def test_rotate_accepts_the_longest_grace(gateway: Gateway) -> None:

@@ -118,6 +118,9 @@ def test_resolution_agrees_with_the_netaddr_resolver(peer: str | None, chain: li
         ("[2001:db8::1]", "2001:db8::1"),
         ("fe80::1%eth0", "fe80::1"),
         (" 192.0.2.1 ", "192.0.2.1"),
+        # The longest address text there is (45 characters): read, not cut off by the length bound.
+        ("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+        ("[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
     ],
 )
 def test_addresses_are_normalized(text: str, expected: str) -> None:

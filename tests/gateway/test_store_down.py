@@ -7,18 +7,24 @@ connection stays, but every read of the file fails.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import Gateway, GatewayFactory, Upstream
 
 
-def ruin_the_store(gateway: Gateway) -> None:
-    for path in gateway.database.parent.iterdir():
-        if path.name.startswith(gateway.database.name):
+def ruin_sqlite_file(database: Path) -> None:
+    for path in database.parent.iterdir():
+        if path.name.startswith(database.name):
             size = path.stat().st_size
             with path.open("r+b") as file:
                 file.write(b"\xff" * size)
+
+
+def ruin_the_store(gateway: Gateway) -> None:
+    assert gateway.database is not None
+    ruin_sqlite_file(gateway.database)
 
 
 async def _problem(response: object) -> tuple[int, str]:
