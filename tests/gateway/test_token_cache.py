@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
+from gateway.store import SQLiteStore
 from gateway.token_cache import TokenCache
 from tests.conftest import GatedStore, Gateway, GatewayFactory
 
@@ -67,3 +70,158 @@ async def test_cache_is_bounded(start_gateway: GatewayFactory) -> None:
     for token in tokens:
         assert (await gateway.call(token)).status == 200
     assert len(gateway.core.tokens) <= 3
+
+
+
+@pytest.fixture
+async def counting_store(gateway: Gateway) -> AsyncIterator[SQLiteStore]:
+    """A store of its own on the gateway's file: its `reads` are the token reads of the cache under test."""
+    assert gateway.database is not None
+    store = SQLiteStore(gateway.database)
+    await store.open()
+    yield store
+    await store.close()
+
+
+def watched_cache(gateway: Gateway, store: SQLiteStore, **options: Any) -> tuple[TokenCache, list[str | None]]:
+    """A cache over `store`, and the ids its listeners were told about (None: every entry)."""
+    cache = TokenCache(store, gateway.core.settings.access_levels, **options)
+    told: list[str | None] = []
+    cache.listeners.append(told.append)
+    return cache, told
+
+
+async def test_a_forgotten_token_is_answered_unknown_without_a_store_read(
+    gateway: Gateway, counting_store: SQLiteStore
+) -> None:
+    created = await gateway.create_token()
+    cache, told = watched_cache(gateway, counting_store, negative_ttl=0.5)
+    assert await cache.get(created["id"]) is not None
+    status, _ = await gateway.admin_call("DELETE", f"/v1/tokens/{created['id']}")
+    assert status == 204
+    cache.forget(created["id"])
+    assert cache.peek(created["id"]) is None
+    assert await cache.get(created["id"]) is None
+    assert (counting_store.reads, told) == (1, [created["id"]])
+
+
+async def test_without_a_negative_ttl_a_forgotten_token_is_read_again(
+    gateway: Gateway, counting_store: SQLiteStore
+) -> None:
+    created = await gateway.create_token()
+    cache, _ = watched_cache(gateway, counting_store, negative_ttl=0)
+    assert await cache.get(created["id"]) is not None
+    cache.forget(created["id"])
+    assert len(cache) == 0
+    assert await cache.get(created["id"]) is not None  # still in the store: the cache keeps nothing to say no
+    assert counting_store.reads == 2
+
+
+async def test_a_recheck_reads_the_store_once_per_interval_whichever_entry_asks(
+    gateway: Gateway, counting_store: SQLiteStore
+) -> None:
+    created = await gateway.create_token()
+    cache, _ = watched_cache(gateway, counting_store, recheck_interval=60)
+    older = await cache.get(created["id"])
+    record = await counting_store.get_token(created["id"])
+    assert older is not None and record is not None
+    cache.apply(dataclasses.replace(record, version=record.version + 1))
+    current = cache.peek(created["id"])
+    assert current is not None and current is not older
+    reads = counting_store.reads
+    assert await cache.recheck(current) is None  # the store agrees: nothing to answer with
+    assert counting_store.reads == reads + 1
+    assert await cache.recheck(older) is None
+    assert await cache.recheck(older) is None
+    assert await cache.recheck(current) is None
+    assert counting_store.reads == reads + 1
+
+
+async def test_a_recheck_through_an_old_entry_marks_the_current_one_too(
+    gateway: Gateway, counting_store: SQLiteStore
+) -> None:
+    created = await gateway.create_token()
+    cache, _ = watched_cache(gateway, counting_store, recheck_interval=60)
+    older = await cache.get(created["id"])
+    record = await counting_store.get_token(created["id"])
+    assert older is not None and record is not None
+    cache.apply(dataclasses.replace(record, version=record.version + 1))
+    current = cache.peek(created["id"])
+    assert current is not None
+    reads = counting_store.reads
+    assert await cache.recheck(older) is None
+    assert await cache.recheck(current) is None
+    assert await cache.recheck(older) is None
+    assert counting_store.reads == reads + 1
+
+
+async def test_with_no_interval_every_recheck_reads_the_store(gateway: Gateway, counting_store: SQLiteStore) -> None:
+    created = await gateway.create_token()
+    cache, _ = watched_cache(gateway, counting_store, recheck_interval=0)
+    entry = await cache.get(created["id"])
+    assert entry is not None
+    for _ in range(3):
+        assert await cache.recheck(entry) is None
+    assert counting_store.reads == 1 + 3
+
+
+async def test_a_recheck_that_finds_the_same_version_changes_nothing(
+    gateway: Gateway, counting_store: SQLiteStore
+) -> None:
+    created = await gateway.create_token()
+    cache, told = watched_cache(gateway, counting_store)
+    entry = await cache.get(created["id"])
+    assert entry is not None
+    assert await cache.recheck(entry) is None
+    assert cache.peek(created["id"]) is entry
+    assert told == []
+
+
+async def test_a_recheck_finds_a_rotation_the_cache_missed_even_with_nothing_cached(
+    gateway: Gateway, counting_store: SQLiteStore
+) -> None:
+    created = await gateway.create_token()
+    cache, told = watched_cache(gateway, counting_store)
+    entry = await cache.get(created["id"])
+    assert entry is not None
+    status, rotated = await gateway.admin_call("POST", f"/v1/tokens/{created['id']}/rotate")
+    assert status == 200
+    cache.clear()
+    fresh = await cache.recheck(entry)
+    assert fresh is not None and fresh.record.version == rotated["version"]
+    assert fresh.record.secret_hash != entry.record.secret_hash
+    assert cache.peek(created["id"]) is fresh
+    assert told == [created["id"]]
+
+
+async def test_a_recheck_that_finds_the_token_deleted_forgets_it(
+    gateway: Gateway, counting_store: SQLiteStore
+) -> None:
+    created = await gateway.create_token()
+    cache, told = watched_cache(gateway, counting_store)
+    entry = await cache.get(created["id"])
+    assert entry is not None
+    status, _ = await gateway.admin_call("DELETE", f"/v1/tokens/{created['id']}")
+    assert status == 204
+    assert await cache.recheck(entry) is None
+    assert cache.peek(created["id"]) is None
+    assert await cache.get(created["id"]) is None
+    assert (counting_store.reads, told) == (2, [created["id"]])
+
+
+async def test_an_invalidated_token_is_read_again_and_its_listeners_are_told_which(
+    gateway: Gateway, counting_store: SQLiteStore
+) -> None:
+    first, second = await gateway.create_token(), await gateway.create_token()
+    cache, told = watched_cache(gateway, counting_store, ttl=60)  # a ttl, as with Redis
+    for created in (first, second):
+        assert await cache.get(created["id"]) is not None
+    cache.invalidate(first["id"])
+    assert told == [first["id"]]
+    assert await cache.get(first["id"]) is not None
+    assert await cache.get(second["id"]) is not None
+    assert counting_store.reads == 3
+    cache.invalidate_all()
+    assert told == [first["id"], None]
+    assert await cache.get(second["id"]) is not None
+    assert counting_store.reads == 4
