@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from gateway.store import SQLiteStore
+from gateway.store import SQLiteStore, StoreUnavailable
 from gateway.token_cache import TokenCache
 from tests.conftest import GatedStore, Gateway, GatewayFactory
+from tests.gateway.test_store_down import ruin_the_store
 
 
 @pytest.fixture
@@ -225,3 +227,36 @@ async def test_an_invalidated_token_is_read_again_and_its_listeners_are_told_whi
     assert told == [first["id"], None]
     assert await cache.get(second["id"]) is not None
     assert counting_store.reads == 4
+
+
+async def test_a_failed_store_read_reaches_every_waiter_and_leaves_nothing_behind(
+    gateway: Gateway, counting_store: SQLiteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    created = await gateway.create_token()
+    cache, _ = watched_cache(gateway, counting_store)
+    ruin_the_store(gateway)
+
+    answers = await asyncio.gather(cache.get(created["id"]), cache.get(created["id"]), return_exceptions=True)
+
+    assert [type(answer) for answer in answers] == [StoreUnavailable, StoreUnavailable]
+    assert counting_store.reads == 1  # the one read both waited for
+    assert len(cache) == 0  # neither the token nor its absence is remembered
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.parametrize(
+    ("negative_ttl", "counts"),
+    [
+        (5.0, (2, 2, 1, 1)),  # the unknown id is remembered: its second lookup is answered from memory
+        (0.0, (1, 3, 1, 2)),  # nothing remembered: the store is asked, and says no, each time
+    ],
+)
+async def test_the_cache_counts_its_answers_and_what_the_store_said(
+    gateway: Gateway, counting_store: SQLiteStore, negative_ttl: float, counts: tuple[int, int, int, int]
+) -> None:
+    """(hits, misses, found in the store, missing from it): the proxy's lookup metrics."""
+    created = await gateway.create_token()
+    cache, _ = watched_cache(gateway, counting_store, negative_ttl=negative_ttl)
+    for token_id in (created["id"], created["id"], "AAAAAAAAAAAAAAAA", "AAAAAAAAAAAAAAAA"):
+        await cache.get(token_id)
+    assert (cache.hits, cache.misses, cache.source_found, cache.source_missing) == counts
