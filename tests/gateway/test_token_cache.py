@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from gateway.authenticator import Authenticator
+from gateway.failure_limits import FailureLimits
 from gateway.store import SQLiteStore, StoreUnavailable
 from gateway.token_cache import TokenCache
 from tests.conftest import GatedStore, Gateway, GatewayFactory
@@ -247,16 +249,67 @@ async def test_a_failed_store_read_reaches_every_waiter_and_leaves_nothing_behin
 @pytest.mark.parametrize(
     ("negative_ttl", "counts"),
     [
-        (5.0, (2, 2, 1, 1)),  # the unknown id is remembered: its second lookup is answered from memory
-        (0.0, (1, 3, 1, 2)),  # nothing remembered: the store is asked, and says no, each time
+        (0.5, (2, 3, 2, 1)),  # the unknown id is remembered: its second lookup is answered from memory
+        (0.0, (1, 4, 2, 2)),  # nothing remembered: the store is asked, and says no, each time
     ],
 )
 async def test_the_cache_counts_its_answers_and_what_the_store_said(
     gateway: Gateway, counting_store: SQLiteStore, negative_ttl: float, counts: tuple[int, int, int, int]
 ) -> None:
     """(hits, misses, found in the store, missing from it): the proxy's lookup metrics."""
-    created = await gateway.create_token()
+    first, second = await gateway.create_token(), await gateway.create_token()
     cache, _ = watched_cache(gateway, counting_store, negative_ttl=negative_ttl)
-    for token_id in (created["id"], created["id"], "AAAAAAAAAAAAAAAA", "AAAAAAAAAAAAAAAA"):
+    for token_id in (first["id"], first["id"], second["id"], "AAAAAAAAAAAAAAAA", "AAAAAAAAAAAAAAAA"):
         await cache.get(token_id)
     assert (cache.hits, cache.misses, cache.source_found, cache.source_missing) == counts
+
+
+async def test_a_refreshed_entry_keeps_what_argon2_proved_while_the_hashes_are_unchanged(
+    gateway: Gateway, counting_store: SQLiteStore
+) -> None:
+    created = await gateway.create_token()
+    cache, _ = watched_cache(gateway, counting_store, ttl=60)
+    hasher = gateway.core.hasher
+    authenticator = Authenticator(
+        cache, hasher, prefix=gateway.core.settings.token_prefix, limits=FailureLimits(per_source=1000)
+    )
+    await authenticator.authenticate(created["token"], "192.0.2.1")
+    verified = hasher.verify_calls
+    cache.invalidate(created["id"])  # as a change message would: the entry is read again before its next use
+
+    await authenticator.authenticate(created["token"], "192.0.2.1")
+
+    assert counting_store.reads == 2
+    assert hasher.verify_calls == verified  # the secret's proof was carried over to the refreshed entry
+
+
+async def test_a_source_answering_an_older_version_does_not_replace_the_newer_entry(
+    gateway: Gateway, counting_store: SQLiteStore
+) -> None:
+    created = await gateway.create_token()
+    cache, _ = watched_cache(gateway, counting_store, ttl=60)
+    record = await counting_store.get_token(created["id"])
+    assert record is not None
+    cache.apply(dataclasses.replace(record, version=record.version + 1, name="written through"))
+    cache.invalidate(created["id"])
+
+    refreshed = await cache.get(created["id"])  # the store still answers the older version
+    again = await cache.get(created["id"])
+
+    assert refreshed is not None and refreshed.record.name == "written through"
+    assert again is refreshed
+    assert counting_store.reads == 1 + 1  # the refresh counts as one: the entry is trusted again after it
+
+
+async def test_a_token_found_deleted_on_refresh_leaves_no_entry_without_a_negative_ttl(
+    gateway: Gateway, counting_store: SQLiteStore
+) -> None:
+    created = await gateway.create_token()
+    cache, _ = watched_cache(gateway, counting_store, ttl=60, negative_ttl=0)
+    assert await cache.get(created["id"]) is not None
+    status, _ = await gateway.admin_call("DELETE", f"/v1/tokens/{created['id']}")
+    assert status == 204
+    cache.invalidate(created["id"])
+
+    assert await cache.get(created["id"]) is None
+    assert (len(cache), cache.peek(created["id"])) == (0, None)
