@@ -313,3 +313,31 @@ async def test_a_token_found_deleted_on_refresh_leaves_no_entry_without_a_negati
 
     assert await cache.get(created["id"]) is None
     assert (len(cache), cache.peek(created["id"])) == (0, None)
+
+
+async def test_the_fast_path_answers_only_a_fresh_entry_and_counts_it_a_hit(
+    gateway: Gateway, counting_store: SQLiteStore
+) -> None:
+    created = await gateway.create_token()
+    cache, _ = watched_cache(gateway, counting_store, ttl=60)
+    entry = await cache.get(created["id"])
+
+    assert cache.get_fresh(created["id"]) is entry
+    assert cache.get_fresh("AAAAAAAAAAAAAAAA") is None
+    cache.invalidate(created["id"])
+    assert cache.get_fresh(created["id"]) is None  # stale: only `get` may refresh it
+    assert (cache.hits, cache.misses) == (1, 1)
+
+
+async def test_a_write_through_replaces_a_remembered_absence(gateway: Gateway, counting_store: SQLiteStore) -> None:
+    created = await gateway.create_token()
+    cache, _ = watched_cache(gateway, counting_store)
+    record = await counting_store.get_token(created["id"])
+    assert record is not None
+    newcomer = dataclasses.replace(record, id="AAAAAAAAAAAAAAAA")
+    assert await cache.get(newcomer.id) is None  # remembered as unknown ...
+
+    cache.apply(newcomer)  # ... until a change for that id is written through
+
+    entry = await cache.get(newcomer.id)
+    assert entry is not None and entry.record is newcomer
