@@ -88,6 +88,10 @@ async def test_each_status_change_and_rotation_is_a_new_version_an_old_edit_cann
         "PATCH", f"/v1/tokens/{created['id']}", json={"name": "stale edit", "version": read["version"]}
     )
     assert status == 409 and body["code"] == "conflict"
+    assert body["detail"] == (
+        f"The token is at version {changed['version']}, not {read['version']}: it changed since you read it."
+        " Read it again and reapply your edit."
+    )
 
 
 async def test_enable_of_an_enabled_token_is_no_change(gateway: Gateway) -> None:
