@@ -1,6 +1,6 @@
 """pytest plugin for scripts/mutation's runs: in a forked mutant's pytest, bound each test and leave at the verdict.
 
-- Each test gets 10 s plus 5 times its call's time in mutmut's stats run, for setup, call and teardown. A mutant
+- Each test gets 20 s plus 5 times its call's time in mutmut's stats run, for setup, call and teardown. A mutant
   that hangs the event loop (a settled read never cleared, so `get` spins) is stopped at its first test
   rather than at mutmut's bound for the whole selection (5 x the sum of every test's time), and it is stopped
   by an exception inside the test, so fixtures are torn down and no redis-server is left behind. Such a
@@ -22,7 +22,7 @@ from types import FrameType
 import pytest
 
 TIMEOUT_EXIT_CODE = 36  # mutmut's "timeout"
-BASE_SECONDS = 10.0
+BASE_SECONDS = 20.0
 FACTOR = 5.0
 
 
