@@ -143,7 +143,8 @@ async def test_deleted_token_is_404_for_every_admin_action(
 
     response = await admin_request(gateway, method, f"/v1/tokens/{created['id']}{suffix}", json=body)
 
-    await expect_problem(response, 404, "token_not_found")
+    problem = await expect_problem(response, 404, "token_not_found")
+    assert problem["detail"] == f"There is no token with id '{created['id']}'."
 
 
 async def test_deleted_token_is_invalid_token_at_the_proxy(gateway: Gateway) -> None:
