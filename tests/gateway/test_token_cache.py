@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from datetime import UTC, datetime, timedelta
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from gateway.authenticator import Authenticator
 from gateway.failure_limits import FailureLimits
+from gateway.problems import GatewayError
 from gateway.store import SQLiteStore, StoreUnavailable
 from gateway.token_cache import TokenCache
 from tests.conftest import GatedStore, Gateway, GatewayFactory
@@ -341,3 +343,109 @@ async def test_a_write_through_replaces_a_remembered_absence(gateway: Gateway, c
 
     entry = await cache.get(newcomer.id)
     assert entry is not None and entry.record is newcomer
+
+
+class Judge:
+    """An authenticator over a cache of its own, counting the argon2 verifications each secret costs."""
+
+    def __init__(self, gateway: Gateway, cache: TokenCache, store: SQLiteStore) -> None:
+        self.gateway, self.cache, self.store = gateway, cache, store
+        self.authenticator = Authenticator(
+            cache, gateway.core.hasher, prefix=gateway.core.settings.token_prefix, limits=FailureLimits(per_source=1000)
+        )
+
+    async def write_through(self, token_id: str) -> None:
+        """What the admin plane does after a commit: the store's record, applied to the cache."""
+        record = await self.store.get_token(token_id)
+        assert record is not None
+        self.cache.apply(record)
+
+    async def verdict(self, token: str) -> tuple[str, int]:
+        """('ok' or the refusal's code, argon2 verifications it cost)."""
+        before = self.gateway.core.hasher.verify_calls
+        try:
+            await self.authenticator.authenticate(token, "192.0.2.1")
+            answer = "ok"
+        except GatewayError as refused:
+            answer = refused.code
+        return answer, self.gateway.core.hasher.verify_calls - before
+
+
+async def test_an_expired_token_is_refused_from_its_cached_entry(gateway: Gateway, counting_store: SQLiteStore) -> None:
+    created = await gateway.create_token()
+    cache, _ = watched_cache(gateway, counting_store)
+    judge = Judge(gateway, cache, counting_store)
+    assert await judge.verdict(created["token"]) == ("ok", 1)
+    record = await counting_store.get_token(created["id"])
+    assert record is not None
+    cache.apply(dataclasses.replace(record, version=record.version + 1, expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+
+    assert (await judge.verdict(created["token"]))[0] == "token_expired"
+
+
+async def test_what_argon2_proved_follows_each_secret_through_rotation_and_grace(
+    gateway: Gateway, counting_store: SQLiteStore
+) -> None:
+    created = await gateway.create_token()
+    token_id, first = created["id"], created["token"]
+    cache, _ = watched_cache(gateway, counting_store)
+    judge = Judge(gateway, cache, counting_store)
+    assert await judge.verdict(first) == ("ok", 1)
+
+    status, rotated = await gateway.admin_call("POST", f"/v1/tokens/{token_id}/rotate", json={"grace_seconds": 600})
+    assert status == 200
+    await judge.write_through(token_id)
+    assert await judge.verdict(first) == ("ok", 0)  # the old secret, in grace, is known without argon2
+    assert await judge.verdict(rotated["token"]) == ("ok", 1)
+
+    status, _ = await gateway.admin_call("PATCH", f"/v1/tokens/{token_id}", json={"name": "renamed"})
+    assert status == 200
+    await judge.write_through(token_id)
+    assert await judge.verdict(first) == ("ok", 0)  # an edit leaves both proofs in place
+    assert await judge.verdict(rotated["token"]) == ("ok", 0)
+
+    status, _ = await gateway.admin_call("POST", f"/v1/tokens/{token_id}/end-grace")
+    assert status == 200
+    await judge.write_through(token_id)
+    assert await judge.verdict(first) == ("invalid_token", 0)  # known revoked: refused without argon2
+    assert await judge.verdict(rotated["token"]) == ("ok", 0)
+
+
+async def test_a_rotation_without_grace_remembers_both_old_secrets_as_revoked(
+    gateway: Gateway, counting_store: SQLiteStore
+) -> None:
+    created = await gateway.create_token()
+    token_id, first = created["id"], created["token"]
+    cache, _ = watched_cache(gateway, counting_store)
+    judge = Judge(gateway, cache, counting_store)
+    assert await judge.verdict(first) == ("ok", 1)
+    status, second = await gateway.admin_call("POST", f"/v1/tokens/{token_id}/rotate", json={"grace_seconds": 600})
+    assert status == 200
+    await judge.write_through(token_id)
+    assert await judge.verdict(second["token"]) == ("ok", 1)
+    assert await judge.verdict(first) == ("ok", 0)
+
+    status, third = await gateway.admin_call("POST", f"/v1/tokens/{token_id}/rotate")
+    assert status == 200
+    await judge.write_through(token_id)
+
+    assert await judge.verdict(first) == ("invalid_token", 0)
+    assert await judge.verdict(second["token"]) == ("invalid_token", 0)
+    assert await judge.verdict(third["token"]) == ("ok", 1)
+
+
+async def test_at_most_four_revoked_secrets_are_remembered(gateway: Gateway, counting_store: SQLiteStore) -> None:
+    created = await gateway.create_token()
+    cache, _ = watched_cache(gateway, counting_store)
+    judge = Judge(gateway, cache, counting_store)
+    tokens = [created["token"]]
+    assert await judge.verdict(tokens[0]) == ("ok", 1)
+    for _ in range(5):
+        status, rotated = await gateway.admin_call("POST", f"/v1/tokens/{created['id']}/rotate")
+        assert status == 200
+        await judge.write_through(created["id"])
+        tokens.append(rotated["token"])
+        assert await judge.verdict(tokens[-1]) == ("ok", 1)
+
+    assert [await judge.verdict(token) for token in tokens[1:5]] == [("invalid_token", 0)] * 4
+    assert (await judge.verdict(tokens[0]))[1] >= 1  # the oldest is forgotten: argon2 judges it again
