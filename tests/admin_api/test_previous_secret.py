@@ -110,6 +110,9 @@ async def test_end_grace_refuses_the_previous_secret_at_once_on_every_proxy(
 
     assert status == 200, ended
     assert ended["previous_secret_expires_at"] is None and ended["version"] == rotated["version"] + 1
+    assert ended["updated_at"] > rotated["updated_at"]
+    stored = await first.core.store.get_token(created["id"])
+    assert stored is not None and stored.previous_secret_hash is None  # the old secret's hash is gone
     assert await proxy_verdict(first, created["token"]) == INVALID  # right after: written through
 
     async def refused_by_the_other_proxy() -> bool:
@@ -140,7 +143,10 @@ async def test_end_grace_without_a_grace_is_409_and_for_an_unknown_token_404(sta
     clock = SettableClock()
     gateway = await start_gateway(clock=clock)
     created = await gateway.create_token()
-    await expect_problem(await admin_request(gateway, "POST", f"/v1/tokens/{created['id']}/end-grace"), 409, "no_grace")
+    refused = await expect_problem(
+        await admin_request(gateway, "POST", f"/v1/tokens/{created['id']}/end-grace"), 409, "no_grace"
+    )
+    assert refused["detail"] == "The token has no grace period running: only its current secret is accepted."
     await rotate(gateway, created["id"], grace_seconds=60)
     clock.advance(60)  # ended by itself
     await expect_problem(await admin_request(gateway, "POST", f"/v1/tokens/{created['id']}/end-grace"), 409, "no_grace")

@@ -161,3 +161,16 @@ async def test_disable_and_enable_stamp_the_admin_clock(start_gateway: GatewayFa
         ("token.disable", "2031-01-01T00:00:05.000000Z"),
         ("token.enable", "2031-01-01T00:00:10.000000Z"),
     ]
+
+
+async def test_an_edit_stamps_the_admin_clock(start_gateway: GatewayFactory) -> None:
+    clock = SettableClock(datetime(2031, 1, 1, tzinfo=UTC))
+    gateway = await start_gateway(clock=clock)
+    created = await gateway.create_token()
+    clock.advance(7)
+
+    status, edited = await gateway.admin_call("PATCH", f"/v1/tokens/{created['id']}", json={"name": "renamed"})
+
+    assert (status, edited["created_at"], edited["updated_at"]) == (
+        200, "2031-01-01T00:00:00.000000Z", "2031-01-01T00:00:07.000000Z"
+    )

@@ -181,11 +181,18 @@ async def test_get_shows_the_view_without_the_token(gateway: Gateway) -> None:
     assert shown["id"] == created["id"]
 
 
-@pytest.mark.parametrize("token_id", [UNKNOWN_ID, "not-a-token-id"])
-async def test_get_of_an_unknown_token_is_404(gateway: Gateway, token_id: str) -> None:
+@pytest.mark.parametrize(
+    ("token_id", "detail"),
+    [
+        (UNKNOWN_ID, f"There is no token with id '{UNKNOWN_ID}'."),
+        ("not-a-token-id", "There is no token with this id."),  # not an id at all: not repeated back
+    ],
+)
+async def test_get_of_an_unknown_token_is_404(gateway: Gateway, token_id: str, detail: str) -> None:
     response = await admin_request(gateway, "GET", f"/v1/tokens/{token_id}")
 
-    await expect_problem(response, 404, "token_not_found")
+    body = await expect_problem(response, 404, "token_not_found")
+    assert body["detail"] == detail
 
 
 async def test_no_view_ever_shows_the_token_a_secret_or_a_hash(gateway: Gateway) -> None:
@@ -312,7 +319,8 @@ async def test_patch_with_an_empty_object_changes_nothing(gateway: Gateway) -> N
 async def test_patch_of_an_unknown_token_is_404(gateway: Gateway) -> None:
     response = await admin_request(gateway, "PATCH", f"/v1/tokens/{UNKNOWN_ID}", json={"name": "Renamed"})
 
-    await expect_problem(response, 404, "token_not_found")
+    body = await expect_problem(response, 404, "token_not_found")
+    assert body["detail"] == f"There is no token with id '{UNKNOWN_ID}'."
 
 
 async def test_patched_access_level_holds_on_the_next_proxied_request(gateway: Gateway) -> None:

@@ -140,6 +140,18 @@ async def test_rotate_accepts_the_longest_grace(gateway: Gateway) -> None:
     assert rotated["previous_secret_expires_at"] is not None
 
 
+@pytest.mark.parametrize("body", [{}, {"grace_seconds": 0}])
+async def test_rotate_without_grace_keeps_no_hash_of_the_old_secret(gateway: Gateway, body: dict[str, Any]) -> None:
+    created = await gateway.create_token()
+    await rotate(gateway, created["id"], grace_seconds=60)  # a grace running already ...
+    rotated = await rotate(gateway, created["id"], **body)  # ... ends with a rotation without one
+
+    stored = await gateway.core.store.get_token(created["id"])
+    assert stored is not None
+    assert (stored.previous_secret_hash, stored.previous_secret_expires_at) == (None, None)
+    assert "previous_secret" not in rotated
+
+
 async def test_rotate_of_an_unknown_token_is_404(gateway: Gateway) -> None:
     response = await admin_request(gateway, "POST", "/v1/tokens/0000000000000000/rotate")
 

@@ -88,6 +88,10 @@ async def test_each_status_change_and_rotation_is_a_new_version_an_old_edit_cann
         "PATCH", f"/v1/tokens/{created['id']}", json={"name": "stale edit", "version": read["version"]}
     )
     assert status == 409 and body["code"] == "conflict"
+    assert body["detail"] == (
+        f"The token is at version {changed['version']}, not {read['version']}: it changed since you read it."
+        " Read it again and reapply your edit."
+    )
 
 
 async def test_enable_of_an_enabled_token_is_no_change(gateway: Gateway) -> None:
@@ -139,7 +143,8 @@ async def test_deleted_token_is_404_for_every_admin_action(
 
     response = await admin_request(gateway, method, f"/v1/tokens/{created['id']}{suffix}", json=body)
 
-    await expect_problem(response, 404, "token_not_found")
+    problem = await expect_problem(response, 404, "token_not_found")
+    assert problem["detail"] == f"There is no token with id '{created['id']}'."
 
 
 async def test_deleted_token_is_invalid_token_at_the_proxy(gateway: Gateway) -> None:

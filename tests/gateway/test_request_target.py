@@ -46,6 +46,7 @@ REFUSED = [
     ("fragment_in_target", "/api/users#/../public/x"),
     ("fragment_in_target", "/api/public/x?q=1#frag"),
     ("fragment_in_target", "/api/public/#"),
+    ("fragment_in_target", "/api/public/x?#frag"),  # a fragment right after the '?'
     ("encoded_separator", "/api/public%2F..%2Fusers"),
     ("encoded_separator", "/api/public%2f..%2fusers"),
     ("encoded_separator", "/api/public%5C..%5Cusers"),
@@ -54,6 +55,7 @@ REFUSED = [
     ("control_character", "/api/users%0a"),
     ("control_character", "/api/users%7F"),
     ("control_character", "/api/users\x01"),
+    ("control_character", "/api/a b"),  # a raw space ends a request target: never escaped into %20
     ("double_encoding", "/api/public%252F..%252Fusers"),
     ("double_encoding", "/api/%25%32%46"),  # %25 + decoded "2F": a second decoding would make a slash
     ("double_encoding", "/api/100%25"),
@@ -82,6 +84,12 @@ def test_an_ambiguous_target_is_refused_with_its_code(code: str, raw: str) -> No
     with pytest.raises(GatewayError) as refused:
         read_target(raw.encode())
     assert (refused.value.status, refused.value.code, refused.value.detail) == (400, code, REFUSALS[code])
+
+
+def test_a_query_that_is_not_utf8_is_forwarded_byte_for_byte() -> None:
+    target = read_target(b"/api/posts?q=\xff\xfe")
+    assert target.query == "?q=\udcff\udcfe"
+    assert target.query.encode("utf-8", "surrogateescape") == b"?q=\xff\xfe"
 
 
 def test_every_refusal_code_is_tested() -> None:
@@ -139,7 +147,7 @@ async def test_the_refusal_is_problem_json_and_nothing_reaches_the_upstream(
     token = (await gateway.create_token(access_level="administrative"))["token"]
     seen = len(upstream.requests)
     for code, raw in REFUSED:
-        if raw[0] != "/" or "\x01" in raw:
+        if raw[0] != "/" or "\x01" in raw or " " in raw:
             continue  # answered by the HTTP parser or the absolute-form check
         request = f"GET {raw} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
         status, reply = await send_raw(gateway.proxy, request.encode())
