@@ -232,13 +232,16 @@ class HttpRequest:
 
     def respond(self, status: int, reason: bytes, headers: bytes, body: bytes) -> None:
         """The whole response in one write; for HEAD the body's length is sent and the body is not."""
-        head = self._status_line(status, reason) + headers + b"Content-Length: %d\r\n" % len(body)
+        head = b"HTTP/1.1 %d %s\r\n%sContent-Length: %d\r\n" % (status, reason, headers, len(body))
         if self.method == "HEAD":
             body = b""
         self.status = status
         self.body_length = len(body)
         self.started = True
-        self._conn.write(head + self._connection_header() + b"\r\n" + body)
+        if self.body is None and self.keep_alive and self.version == "1.1" and not self._conn.closing:
+            self._conn.write(head + b"\r\n" + body)  # the usual case, where _connection_header adds nothing
+        else:
+            self._conn.write(head + self._connection_header() + b"\r\n" + body)
 
     def start_response(
         self, status: int, reason: bytes, headers: bytes, *, content_length: int | None, bodiless: bool = False
