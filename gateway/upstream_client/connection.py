@@ -253,6 +253,9 @@ class Connection(asyncio.Protocol):
                     te = True
                     chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
                 elif lower == b"connection":
+                    if value == b"keep-alive":  # what most upstreams send: no tokens to read
+                        keep_alive = True
+                        continue
                     tokens = {token.strip() for token in value.lower().split(b",")}
                     close = close or b"close" in tokens
                     keep_alive = keep_alive or b"keep-alive" in tokens
@@ -291,7 +294,8 @@ class Connection(asyncio.Protocol):
         self.response = response
         assert self.head_waiter is not None
         self.head_waiter.set_result(response)
-        self._wake_writer(None)  # an early answer stops an upload
+        if self.write_waiter is not None:
+            self._wake_writer(None)  # an early answer stops an upload
 
     def on_body(self, data: bytes) -> None:
         self.fed_body = True
@@ -338,11 +342,6 @@ class Connection(asyncio.Protocol):
 
     def read_timed_out(self) -> None:
         self.fail(UpstreamTimeout(f"the upstream sent nothing for {self.read_timeout} s"))
-
-    def _await_head_until(self, deadline: float) -> None:
-        self.head_deadline = deadline
-        if self.watchdog is None:
-            self.watchdog = self.loop.call_at(deadline, self._watch)
 
     def _watch(self) -> None:
         """The watchdog's turn: time out a head that is overdue, or wait on for the deadline that moved on."""
@@ -401,7 +400,10 @@ class Connection(asyncio.Protocol):
                 transport.write(head)
                 await self._send_stream(body, content_length, chunked)
             if not waiter.done():
-                self._await_head_until(self.loop.time() + self.read_timeout)
+                # The head's deadline, watched by the connection's one timer (_watch).
+                self.head_deadline = self.loop.time() + self.read_timeout
+                if self.watchdog is None:
+                    self.watchdog = self.loop.call_at(self.head_deadline, self._watch)
                 try:
                     await waiter
                 finally:
