@@ -408,7 +408,14 @@ class HttpConnection(asyncio.Protocol):
             self._head_bytes += len(data)
             if self._head_bytes > self._limits.max_head_bytes:
                 self._refuse(431, "headers_too_large", "The request head is too large.")
-        self._update_reading()
+        if (  # _update_reading's own test, inline: no call on a connection that is read and not backed up
+            self._reading_paused
+            or self._body_backlogged
+            or self._writing_paused
+            or self._upgraded
+            or len(self._pipeline) > MAX_PIPELINE
+        ):
+            self._update_reading()
 
     def eof_received(self) -> bool | None:
         """The client stopped sending: answer every complete request it sent (it may still read), in order,
@@ -576,7 +583,14 @@ class HttpConnection(asyncio.Protocol):
                     return
                 if pipeline and self._writing_paused:
                     await self.drain()  # a client that pipelines without reading gets no more answers
-                self._update_reading()
+                if (  # as in data_received
+                    self._reading_paused
+                    or self._body_backlogged
+                    or self._writing_paused
+                    or self._upgraded
+                    or len(pipeline) > MAX_PIPELINE
+                ):
+                    self._update_reading()
         except BaseException:
             self.abort()
             raise
