@@ -142,6 +142,8 @@ class AccessLog:
         millisecond = int(time.time() * 1000)
         if millisecond != self._millisecond:
             self._new_millisecond(millisecond)
+        if b"?" in target:  # the query is never logged, nor kept in the memo (it may carry a credential)
+            target = target.partition(b"?")[0]
         key = (client, method, target, status, length, token_id)
         middle = self._middles.get(key) or self._middle(key)
         lines = self._lines
