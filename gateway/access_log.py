@@ -55,6 +55,7 @@ PATH_MEMO_LONGEST = 512  # bytes of the longest path remembered (bounds the memo
 # A line's time after its second, by millisecond: formatted once here, not per millisecond.
 _TEXT_MILLISECONDS = tuple(".%03dZ " % millisecond for millisecond in range(1000))
 _JSON_MILLISECONDS = tuple('.%03dZ",' % millisecond for millisecond in range(1000))
+_QUESTION_MARK = ord("?")  # `int in bytes` is a byte scan; `b"?" in bytes` costs ~4x more (buffer, search)
 MIDDLE_MEMO_SIZE = 4096  # lines' middles remembered (see AccessLog._middles)
 MAX_BACKLOG = 100_000  # lines waiting behind a lagging reader before more are dropped (and counted)
 
@@ -142,7 +143,7 @@ class AccessLog:
         millisecond = int(time.time() * 1000)
         if millisecond != self._millisecond:
             self._new_millisecond(millisecond)
-        if b"?" in target:  # the query is never logged, nor kept in the memo (it may carry a credential)
+        if _QUESTION_MARK in target:  # the query is never logged, nor kept in the memo (it may carry a credential)
             target = target.partition(b"?")[0]
         key = (client, method, target, status, length, token_id)
         middle = self._middles.get(key) or self._middle(key)
