@@ -324,8 +324,10 @@ class UpstreamForwarder:
         ):
             arrived = upstream.complete_body()  # a small answer has usually arrived with its head
             if arrived is not None:
-                headers = _response_headers(upstream) + response_headers
-                request.respond(upstream.status, _reason(upstream), headers, arrived)
+                # _response_headers and _reason inline: this is every small answer's path.
+                headers = upstream.relay_headers if upstream.has_date else upstream.relay_headers + date_header()
+                reason = upstream.reason.encode("latin-1", "replace") if upstream.reason else _reason(upstream)
+                request.respond(upstream.status, reason, headers + response_headers, arrived)
                 return
         try:
             await self._respond(request, upstream, response_headers)

@@ -232,13 +232,16 @@ class HttpRequest:
 
     def respond(self, status: int, reason: bytes, headers: bytes, body: bytes) -> None:
         """The whole response in one write; for HEAD the body's length is sent and the body is not."""
-        head = self._status_line(status, reason) + headers + b"Content-Length: %d\r\n" % len(body)
+        head = b"HTTP/1.1 %d %s\r\n%sContent-Length: %d\r\n" % (status, reason, headers, len(body))
         if self.method == "HEAD":
             body = b""
         self.status = status
         self.body_length = len(body)
         self.started = True
-        self._conn.write(head + self._connection_header() + b"\r\n" + body)
+        if self.body is None and self.keep_alive and self.version == "1.1" and not self._conn.closing:
+            self._conn.write(head + b"\r\n" + body)  # the usual case, where _connection_header adds nothing
+        else:
+            self._conn.write(head + self._connection_header() + b"\r\n" + body)
 
     def start_response(
         self, status: int, reason: bytes, headers: bytes, *, content_length: int | None, bodiless: bool = False
@@ -405,7 +408,14 @@ class HttpConnection(asyncio.Protocol):
             self._head_bytes += len(data)
             if self._head_bytes > self._limits.max_head_bytes:
                 self._refuse(431, "headers_too_large", "The request head is too large.")
-        self._update_reading()
+        if (  # _update_reading's own test, inline: no call on a connection that is read and not backed up
+            self._reading_paused
+            or self._body_backlogged
+            or self._writing_paused
+            or self._upgraded
+            or len(self._pipeline) > MAX_PIPELINE
+        ):
+            self._update_reading()
 
     def eof_received(self) -> bool | None:
         """The client stopped sending: answer every complete request it sent (it may still read), in order,
@@ -573,7 +583,14 @@ class HttpConnection(asyncio.Protocol):
                     return
                 if pipeline and self._writing_paused:
                     await self.drain()  # a client that pipelines without reading gets no more answers
-                self._update_reading()
+                if (  # as in data_received
+                    self._reading_paused
+                    or self._body_backlogged
+                    or self._writing_paused
+                    or self._upgraded
+                    or len(pipeline) > MAX_PIPELINE
+                ):
+                    self._update_reading()
         except BaseException:
             self.abort()
             raise

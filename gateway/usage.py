@@ -57,6 +57,11 @@ class UsageRecorder:
         self._outage = outage or OutageLog(log, "the store")
         self._pending: dict[str, tuple[float, ClientAddress | None]] = {}
         self._counts: dict[tuple[int, str, Outcome], int] = {}
+        # `allowed` requests of the hour [_hour, _hour_end) by token, folded into _counts when the hour ends
+        # and before a flush: no (hour, token, outcome) key to build and hash per request.
+        self._allowed: dict[str, int] = {}
+        self._hour = 0
+        self._hour_end = 0
         self._previous: dict[tuple[str, datetime], tuple[int, float, ClientAddress | None]] = {}
         self._addresses: dict[tuple[str, ClientAddress], tuple[int, float]] = {}
         self._now: Callable[[], float] = time.time if clock is utc_now else lambda: clock().timestamp()
@@ -66,10 +71,11 @@ class UsageRecorder:
     def record(self, token_id: str, client_ip: ClientAddress | None) -> None:
         """A request allowed: the token's last use, and one more `allowed` in this hour."""
         now = self._now()
+        if not self._hour <= now < self._hour_end:
+            self._new_hour(now)
         self._pending[token_id] = (now, client_ip)
-        key = (int(now // HOUR) * HOUR, token_id, Outcome.ALLOWED)
-        counts = self._counts
-        counts[key] = counts.get(key, 0) + 1
+        allowed = self._allowed
+        allowed[token_id] = allowed.get(token_id, 0) + 1
         if client_ip is not None:
             addresses = self._addresses
             seen = addresses.get((token_id, client_ip))
@@ -77,6 +83,20 @@ class UsageRecorder:
                 addresses[token_id, client_ip] = (seen[0] + 1, now)
             elif len(addresses) < MAX_PENDING_ADDRESSES:
                 addresses[token_id, client_ip] = (1, now)
+
+    def _new_hour(self, now: float) -> None:
+        self._fold_allowed()
+        self._hour = int(now // HOUR) * HOUR
+        self._hour_end = self._hour + HOUR
+
+    def _fold_allowed(self) -> None:
+        if not self._allowed:
+            return
+        counts, hour, allowed = self._counts, self._hour, Outcome.ALLOWED
+        for token_id, count in self._allowed.items():
+            key = (hour, token_id, allowed)
+            counts[key] = counts.get(key, 0) + count
+        self._allowed = {}
 
     def count(self, token_id: str, outcome: Outcome) -> None:
         """One request of this token with this outcome, in the current hour (rate limits call this for
@@ -127,6 +147,7 @@ class UsageRecorder:
                 self._pending.setdefault(token_id, value)
 
     async def _flush_counts(self) -> None:
+        self._fold_allowed()
         if not self._counts:
             return
         batch, self._counts = self._counts, {}

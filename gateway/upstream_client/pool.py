@@ -107,13 +107,23 @@ class UpstreamPool:
         is_head = method == "HEAD"
         conn = self._pop_idle()
         if conn is not None:
+            # _exchange inline: the usual path (an idle connection) awaits one coroutine less per request.
+            self._busy.add(conn)
             try:
-                return await self._exchange(conn, head, body, content_length, chunked, is_head, close)
+                response = await conn.exchange(head, body, content_length, chunked, is_head, close)
             except UpstreamConnectionError as error:
+                self._finished(conn, False)
                 if not error.nothing_received or not isinstance(body, (*IN_MEMORY, type(None))):
                     raise
                 if not self._retry_non_idempotent and method not in IDEMPOTENT_METHODS:
                     raise
+            except BaseException:
+                self._finished(conn, False)
+                raise
+            else:
+                if response.done:
+                    response.detach(True)
+                return response
         conn = await self._connect()
         return await self._exchange(conn, head, body, content_length, chunked, is_head, close)
 

@@ -167,11 +167,13 @@ class UpstreamResponse:
         if buffered > self._high_water and not self._paused and self._conn is not None:
             self._paused = True
             self._conn.pause_reading()
-        self._wake()
+        if self._waiter is not None:  # a reader waits (a streamed body); a small one is taken whole later
+            self._wake()
 
     def finish(self) -> None:
         self.done = True
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def fail(self, error: BaseException) -> None:
         if self._error is None:

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import aiohttp
@@ -141,7 +142,7 @@ async def test_a_path_is_escaped_once_whatever_query_follows_it(tmp_path: Path) 
     for page in range(50):
         access_log.request("192.0.2.1", "-", "GET", b"/api/posts?page=%d" % page, 200, 0, 0.0)
     access_log.request("192.0.2.1", "-", "GET", b"/api/posts", 200, 0, 0.0)
-    assert len(access_log._paths) == 1
+    assert len(access_log._paths) == 1 and len(access_log._middles) == 1  # no query kept in memory either
     access_log.close()
     lines = (tmp_path / "access.log").read_text().splitlines()
     assert len(lines) == 51 and all('"GET /api/posts" 200 0 token=- 0us' in line for line in lines)
@@ -169,6 +170,69 @@ async def test_a_failing_write_is_logged_once_and_again_when_writing_works(
         "access log: writing to access.log again; 10 line(s) were lost",
     ]
     assert len((tmp_path / "access.log").read_text().splitlines()) == 4
+
+
+def _full_pipe() -> tuple[int, int, bytes]:
+    """A pipe whose non-blocking write end takes no more (like stderr to a collector that lags), and what
+    filled it."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    filled = bytearray()
+    while True:
+        try:
+            filled += b"f" * os.write(write_end, b"f" * 65536)
+        except BlockingIOError:
+            return read_end, write_end, bytes(filled)
+
+
+def _read_all(read_end: int) -> bytes:
+    chunks = []
+    while chunk := os.read(read_end, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_a_full_pipe_never_blocks_the_event_loop_and_loses_no_line(tmp_path: Path) -> None:
+    read_end, write_end, filled = _full_pipe()
+    access_log = AccessLog(write_end, name="pipe", owns_fd=True, max_lines=10)
+    for number in range(100):
+        access_log.request("192.0.2.1", "-", "GET", b"/line/%d" % number, 200, 0, 0.0)
+    await asyncio.sleep(0)  # the loop runs on while the lines wait for the reader
+    assert access_log.lines_written == 0
+    received = bytearray()
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        received.extend(os.read(read_end, 65536))
+
+    loop.add_reader(read_end, readable)
+    try:
+        async with asyncio.timeout(30):
+            while access_log.lines_written < 100:
+                await asyncio.sleep(0.01)
+    finally:
+        loop.remove_reader(read_end)
+    access_log.close()
+    received += _read_all(read_end)
+    os.close(read_end)
+    lines = bytes(received[len(filled):]).decode().splitlines()
+    assert [line.split('"')[1] for line in lines] == [f"GET /line/{number}" for number in range(100)]
+
+
+async def test_close_waits_for_a_lagging_reader_rather_than_lose_lines() -> None:
+    read_end, write_end, filled = _full_pipe()
+    access_log = AccessLog(write_end, name="pipe", owns_fd=True, max_lines=10)
+    for number in range(25):
+        access_log.request("192.0.2.1", "-", "GET", b"/line/%d" % number, 200, 0, 0.0)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(_read_all(read_end)))
+    reader.start()  # drains the pipe only while close() waits; it ends when close() releases the write end
+    access_log.close()
+    reader.join(timeout=30)
+    os.close(read_end)
+    lines = received[0][len(filled):].decode().splitlines()
+    assert [line.split('"')[1] for line in lines] == [f"GET /line/{number}" for number in range(25)]
+    assert access_log.lines_written == 25
 
 
 async def test_sigterm_writes_every_line_before_gateway_serve_exits(tmp_path: Path, upstream: Upstream) -> None:

@@ -686,6 +686,32 @@ async def test_silent_upstream_times_out_waiting_for_the_head(
         await make_pool(server.port, read_timeout=0.2).request("GET", "/", host(server.port), None)
 
 
+async def test_each_request_on_a_reused_connection_gets_its_own_head_timeout(
+    make_pool: PoolFactory, raw_server: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    """The connection's one watchdog, armed by the first request, neither cuts a later request short when
+    its own wait began after the first one's nor lets a silent one wait for ever."""
+
+    async def slower_each_time(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        for delay in (0.0, 0.6):
+            await read_request(reader)
+            await asyncio.sleep(delay)
+            writer.write(answer(b"ok"))
+            await writer.drain()
+        await reader.read()  # the third request is never answered
+
+    server = await raw_server(slower_each_time)
+    pool = make_pool(server.port, read_timeout=1.0)
+    first = await pool.request("GET", "/1", host(server.port), None)
+    assert await first.read_all(10) == b"ok"
+    await asyncio.sleep(0.6)  # the first request's deadline passes while the second one waits
+    second = await pool.request("GET", "/2", host(server.port), None)
+    assert await second.read_all(10) == b"ok"
+    with pytest.raises(UpstreamTimeout):
+        await pool.request("GET", "/3", host(server.port), None)
+    assert server.accepted == 1
+
+
 async def test_upstream_stalling_mid_body_times_out(
     make_pool: PoolFactory, raw_server: Callable[[Handler], Awaitable[RawServer]]
 ) -> None:
