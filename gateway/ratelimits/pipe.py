@@ -13,6 +13,13 @@ script is missing, as after a Redis restart), integer, bulk and array replies. A
 to redis-py (shared.py), with its cost. Any failure closes the connection, fails what is waiting, and the
 next call connects again: callers see an OSError (a ConnectionError or a TimeoutError) or a ReplyError.
 
+A batch goes out at the end of the turn its first call came in, unless one is still waiting for its reply:
+the calls then gather until it comes back, and go out together (at most one batch in flight, as Nagle's
+algorithm holds small segments while one is unacknowledged). Idle, a call waits one round trip, as before;
+under load a batch carries every call of a round trip, so Redis runs one script per round trip however many
+requests come in, and the gateway writes and reads one message for them. Each call waits at most two round
+trips.
+
 One batch holds keys of many tokens. On a Redis Cluster a script's keys must share one hash slot, so a call
 names its slot (`group`) and the turn's calls are batched per slot (cluster_pipes.py); one Redis has one.
 """
@@ -205,11 +212,13 @@ class _Batch:
         for caller, line in zip(self.callers, lines):
             if not caller.done():
                 caller.set_result(line)
+        self.pipe.landed()
 
     def failed(self, error: Exception) -> None:
         for caller in self.callers:
             if not caller.done():
                 caller.set_exception(error)
+        self.pipe.landed()
 
 
 class ScriptPipe:
@@ -246,7 +255,8 @@ class ScriptPipe:
         self._timeout = timeout
         self._protocol: PipeProtocol | None = None
         self._connecting: asyncio.Task[PipeProtocol] | None = None
-        self._batches: dict[int, _Batch] = {}  # this turn's, by group (a cluster's hash slot)
+        self._batches: dict[int, _Batch] = {}  # the calls not yet sent, by group (a cluster's hash slot)
+        self._in_flight = 0  # batches sent and not yet answered
         self._sending: set[asyncio.Future[None]] = set()
         self.batches_sent = 0
 
@@ -263,8 +273,8 @@ class ScriptPipe:
         batches = self._batches
         batch = batches.get(group)
         if batch is None:
-            if not batches:
-                loop.call_soon(self._send_all)
+            if not batches and not self._in_flight:
+                loop.call_soon(self._send_all)  # else when the batch in flight is answered (`landed`)
             batch = batches[group] = _Batch(self)
         batch.keys.append(keys)
         batch.arguments.append(arguments)
@@ -277,13 +287,20 @@ class ScriptPipe:
 
     def _send_all(self) -> None:
         batches = self._batches
-        if not batches:  # each was sent when it was full; nothing came after
+        if not batches:  # each was sent when it was full, or at a reply; nothing came after
             return
         self._batches = {}
         for batch in batches.values():
             self._send(batch)
 
+    def landed(self) -> None:
+        """A batch was answered, or failed: the calls that gathered meanwhile go out once none is in flight."""
+        self._in_flight -= 1
+        if not self._in_flight and self._batches:
+            self._send_all()
+
     def _send(self, batch: _Batch) -> None:
+        self._in_flight += 1
         protocol = self._protocol
         if protocol is None or protocol.lost:
             sending = asyncio.ensure_future(self._send_once_connected(batch))

@@ -1,6 +1,7 @@
 """The limits script's own Redis connection (gateway/ratelimits/pipe.py), against a real redis-server: the
 database named in the URL, a script cache emptied under it, many requests in flight on one connection, and
-the checks of one event-loop turn sent as one EVALSHA (counted by Redis's INFO commandstats)."""
+the checks of one event-loop turn sent as one EVALSHA, and those that come while it waits for its reply as
+the next (counted by Redis's INFO commandstats)."""
 
 from __future__ import annotations
 
@@ -151,6 +152,36 @@ async def test_checks_made_in_one_event_loop_turn_are_sent_as_one_evalsha(
     assert sorted(o.quota_remaining for o in outcomes if o.refused is None) == list(range(20))
     assert [outcome.refused for outcome in outcomes].count("quota_exceeded") == 1
     assert limiter.redis_checks == 22
+
+
+async def test_checks_that_come_while_a_batch_waits_for_its_reply_go_out_together(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    client = redis.Redis(port=server.port)
+    limiter = RedisLimiter(client, LocalLimiter())
+    try:
+        quota, now = Quota(requests=20, period=QuotaPeriod.TOTAL), 1_800_000_000.0
+        window = quota.window(now)[::2]
+        await limiter.check("warm", None, quota, now, window)
+        before = await evalsha_calls(client)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)  # the next batch waits for its reply
+        try:
+            checks = [asyncio.ensure_future(limiter.check("t1", None, quota, now, window))]
+            for _ in range(5):  # five more turns, one check each, while the first batch is in flight
+                await asyncio.sleep(0)
+                checks.append(asyncio.ensure_future(limiter.check("t1", None, quota, now, window)))
+            await asyncio.sleep(0)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        outcomes = await asyncio.gather(*checks)
+
+        assert await evalsha_calls(client) == before + 2
+        assert sorted(o.quota_remaining for o in outcomes) == list(range(14, 20))
+    finally:
+        await limiter.close()
+        await client.aclose()
+        server.kill()
 
 
 async def test_one_batch_decides_each_token_alone_and_in_order(
