@@ -169,7 +169,11 @@ def _assemble(
         limiter=TokenLimiter(
             local=local_limits,
             shared=RedisLimiter(
-                client, local_limits, key_prefix=settings.redis_key_prefix, outage=shared_tokens.outage
+                client,
+                local_limits,
+                key_prefix=settings.redis_key_prefix,
+                outage=shared_tokens.outage,
+                leases=settings.limit_leases,
             ),
             clock=seconds,
         ),

@@ -96,6 +96,7 @@ class Settings:
     max_header_bytes: int
     failure_limit_per_source: int
     failure_limit_per_token: int
+    limit_leases: bool
     failure_window: float
     token_recheck_interval: float
     admin_allow_remote: bool
@@ -422,6 +423,7 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "max_header_bytes": _as_int(1024, 65536),
     "failure_limit_per_source": _as_int(1, 1_000_000),
     "failure_limit_per_token": _as_int(1, 1_000_000),
+    "limit_leases": _as_bool,
     "failure_window": _as_float(1, 86400),
     "token_recheck_interval": _as_float(0, 3600),
     "admin_allow_remote": _as_bool,
@@ -579,6 +581,7 @@ def load_settings(
         max_header_bytes=values["max_header_bytes"],
         failure_limit_per_source=values["failure_limit_per_source"],
         failure_limit_per_token=values["failure_limit_per_token"],
+        limit_leases=values["limit_leases"],
         failure_window=values["failure_window"],
         token_recheck_interval=values["token_recheck_interval"],
         admin_allow_remote=values["admin_allow_remote"],

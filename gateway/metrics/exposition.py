@@ -145,6 +145,7 @@ async def render(core: Core) -> str:
         )
         text.sample("gateway_rate_limit_checks_total", limiter.shared.redis_checks, [("counted", "redis")])
         text.sample("gateway_rate_limit_checks_total", limiter.shared.fallback_checks, [("counted", "process")])
+        text.sample("gateway_rate_limit_checks_total", limiter.shared.leased_checks, [("counted", "lease")])
     undelivered = 0
     if core.shared is not None and checks["store"] == "ok":
         undelivered = len(await core.store.pending_changes(limit=UNDELIVERED_LIMIT))

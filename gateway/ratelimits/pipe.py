@@ -185,7 +185,7 @@ class PipeProtocol(asyncio.Protocol):
 
 
 class _Batch:
-    """The calls of one event-loop turn: their RESP keys and arguments, and one future per call (a caller
+    """The calls gathered for one EVALSHA: their RESP keys and arguments, and one future per call (a caller
     whose request is cancelled cancels its own future, never its neighbours')."""
 
     __slots__ = ("pipe", "keys", "arguments", "callers", "retried")

@@ -1,0 +1,231 @@
+"""Leases (gateway/ratelimits/leases.py): a busy token far below its limits takes shares of its budget in one
+check and spends them in the process; near a limit every request is checked in Redis, so two replicas still
+never admit more than the limit. Real redis-server; the clock is passed in, so nothing refills meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import redis.asyncio as redis
+
+from gateway.ratelimits.gcra import LimitOutcome, LocalLimiter
+from gateway.ratelimits.leases import MAX_LEASE
+from gateway.ratelimits.policy import Quota, QuotaPeriod, RateLimit
+from gateway.ratelimits.shared import RedisLimiter
+from tests.conftest import GatewayFactory
+from tests.redis_server import RedisServer
+
+NOW = 1_800_000_000.0
+TOTAL_KEY = "gateway:limit:{t1}:quota:total"
+
+
+class Replicas:
+    """Two limiters with leases on one Redis, as two `gateway proxy` processes hold them."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self.client = redis.Redis(port=server.port)
+        self.limiters = [RedisLimiter(self.client, LocalLimiter(), leases=True) for _ in range(2)]
+
+    async def close(self) -> None:
+        for limiter in self.limiters:
+            await limiter.close()
+        await self.client.aclose()
+
+    async def quota_used(self) -> int:
+        return int(await self.client.get(TOTAL_KEY) or 0)
+
+
+@pytest.fixture
+async def replicas(redis_server: RedisServer) -> AsyncIterator[Replicas]:
+    pair = Replicas(redis_server)
+    await pair.client.flushdb()
+    try:
+        yield pair
+    finally:
+        await pair.close()
+
+
+def checker(
+    limiter: RedisLimiter, rate: RateLimit | None, quota: Quota | None
+) -> Callable[[], Awaitable[LimitOutcome]]:
+    window = ("", None) if quota is None else quota.window(NOW)[::2]
+    return lambda: limiter.check("t1", rate, quota, NOW, window)
+
+
+async def until(probe: Callable[[], Awaitable[bool]]) -> None:
+    for _ in range(200):
+        if await probe():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("not true after 10 s")
+
+
+async def test_a_busy_token_far_below_its_limits_is_checked_in_redis_once_per_lease(
+    replicas: Replicas,
+) -> None:
+    limiter = replicas.limiters[0]
+    rate, quota = (
+        RateLimit(requests=100_000, per_seconds=1),
+        Quota(requests=1_000_000, period=QuotaPeriod.TOTAL),
+    )
+    check = checker(limiter, rate, quota)
+
+    outcomes = [await check() for _ in range(3000)]
+
+    assert [o.refused for o in outcomes] == [None] * 3000
+    # What each request is told is exact, as if every one had been checked in Redis alone.
+    assert [o.quota_remaining for o in outcomes] == list(range(999_999, 996_999, -1))
+    assert [o.rate_remaining for o in outcomes] == list(range(99_999, 96_999, -1))
+    assert limiter.redis_checks + limiter.leased_checks == 3000
+    assert limiter.redis_checks <= 3000 // MAX_LEASE + 20  # 0, 2, 6, ... units asked for, then MAX_LEASE
+    assert await replicas.quota_used() >= 3000  # the lease's units are taken in Redis before they are spent
+
+
+async def test_near_a_limit_every_request_is_checked_in_redis(replicas: Replicas) -> None:
+    first, second = replicas.limiters
+    quota = Quota(requests=16, period=QuotaPeriod.TOTAL)  # never 16 requests' worth free after a request
+
+    outcomes = []
+    for _ in range(20):
+        for limiter in (first, second):
+            outcomes.append(await checker(limiter, None, quota)())
+
+    assert [o.refused for o in outcomes].count(None) == 16
+    assert {o.refused for o in outcomes[16:]} == {"quota_exceeded"}
+    assert first.leased_checks == second.leased_checks == 0
+    assert first.redis_checks == second.redis_checks == 20
+
+
+@pytest.mark.parametrize(
+    ("rate", "quota", "refusal"),
+    [
+        (RateLimit(requests=1000, per_seconds=3600), None, "rate_limited"),
+        (None, Quota(requests=1000, period=QuotaPeriod.TOTAL), "quota_exceeded"),
+        (
+            RateLimit(requests=5000, per_seconds=3600, burst=1200),
+            Quota(requests=1000, period=QuotaPeriod.TOTAL),
+            "quota_exceeded",
+        ),
+    ],
+    ids=["rate", "quota", "both"],
+)
+async def test_two_replicas_with_leases_admit_exactly_the_limit(
+    replicas: Replicas, rate: RateLimit | None, quota: Quota | None, refusal: str
+) -> None:
+    checks = [checker(limiter, rate, quota) for limiter in replicas.limiters]
+
+    outcomes: list[LimitOutcome] = []
+    for _ in range(60):  # both replicas busy, 25 checks each per turn, until well past the limit
+        outcomes += await asyncio.gather(*(check() for check in checks for _ in range(25)))
+
+    admitted = [o.refused for o in outcomes].count(None)
+    assert admitted == 1000
+    assert sum(limiter.leased_checks for limiter in replicas.limiters) > 0
+    assert {o.refused for o in outcomes} - {None} == {refusal}
+
+
+async def test_a_quota_lease_gives_back_what_it_did_not_spend_when_it_ends(replicas: Replicas) -> None:
+    limiter = replicas.limiters[0]
+    quota = Quota(requests=100_000, period=QuotaPeriod.TOTAL)
+    check = checker(limiter, None, quota)
+    for _ in range(100):
+        await check()
+    assert await replicas.quota_used() > 100  # units held by the lease
+
+    async def given_back() -> bool:
+        return await replicas.quota_used() == 100
+
+    await until(given_back)
+    assert (await check()).quota_remaining == 100_000 - 101
+
+
+async def test_closing_gives_back_a_quota_lease(replicas: Replicas) -> None:
+    limiter = replicas.limiters[0]
+    quota = Quota(requests=100_000, period=QuotaPeriod.TOTAL)
+    check = checker(limiter, None, quota)
+    for _ in range(100):
+        await check()
+    assert await replicas.quota_used() > 100
+
+    await limiter.close()
+
+    assert await replicas.quota_used() == 100
+
+
+async def test_a_limit_change_ends_the_lease_at_once(replicas: Replicas) -> None:
+    limiter = replicas.limiters[0]
+    quota = Quota(requests=100_000, period=QuotaPeriod.TOTAL)
+    for _ in range(100):
+        await checker(limiter, None, quota)()
+    checked = limiter.redis_checks
+
+    lowered = Quota(requests=150, period=QuotaPeriod.TOTAL)  # as a PATCH makes a new record
+    outcome = await checker(limiter, None, lowered)()
+
+    assert limiter.redis_checks == checked + 1
+    assert outcome.refused is None and outcome.quota_remaining == 150 - 101
+    assert await replicas.quota_used() == 101  # the old lease's units were given back first
+
+
+async def test_without_leases_every_check_is_one_call_of_the_script(redis_server: RedisServer) -> None:
+    async with redis.Redis(port=redis_server.port) as client:
+        limiter = RedisLimiter(client, LocalLimiter(), leases=False)
+        try:
+            check = checker(limiter, RateLimit(requests=100_000, per_seconds=1), None)
+            for _ in range(200):
+                await check()
+        finally:
+            await limiter.close()
+    assert limiter.redis_checks == 200 and limiter.leased_checks == 0
+
+
+async def test_through_the_proxy_a_leased_token_counts_down_one_by_one(
+    start_gateway: GatewayFactory, redis_url: str
+) -> None:
+    gateway = await start_gateway(redis_url=redis_url)
+    token = (await gateway.create_token(quota={"requests": 100_000, "period": "day"}))["token"]
+
+    remaining = []
+    for _ in range(60):
+        response = await gateway.call(token)
+        assert response.status == 200
+        remaining.append(int(response.headers["RateLimit"].split("r=")[1].split(";")[0]))
+
+    assert remaining == list(range(99_999, 99_939, -1))
+    shared = gateway.core.limiter.shared
+    assert shared is not None and shared.leased_checks > 0
+
+
+async def test_the_setting_turns_leases_off(start_gateway: GatewayFactory, redis_url: str) -> None:
+    gateway = await start_gateway(redis_url=redis_url, limit_leases=False)
+    token = (await gateway.create_token(quota={"requests": 100_000, "period": "day"}))["token"]
+
+    for _ in range(30):
+        assert (await gateway.call(token)).status == 200
+
+    shared = gateway.core.limiter.shared
+    assert shared is not None and shared.leased_checks == 0 and shared.redis_checks == 30
+
+
+@pytest.mark.parametrize("where", ["redis", "process"])
+async def test_a_whole_burst_is_admitted_whatever_the_rounding_of_its_intervals(
+    redis_server: RedisServer, where: str
+) -> None:
+    rate = RateLimit(requests=1000, per_seconds=3600)  # 3.6 s intervals: each addition to the TAT rounds
+    async with redis.Redis(port=redis_server.port) as client:
+        await client.flushdb()
+        shared = RedisLimiter(client, LocalLimiter())
+        local = LocalLimiter()
+        try:
+            outcomes = []
+            for _ in range(1001):
+                if where == "redis":
+                    outcomes.append(await shared.check("t1", rate, None, NOW))
+                else:
+                    outcomes.append(local.check("t1", rate, None, NOW))
+        finally:
+            await shared.close()
+
+    assert [o.refused for o in outcomes] == [None] * 1000 + ["rate_limited"]
