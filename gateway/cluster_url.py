@@ -10,7 +10,9 @@ can check the URL at start-up.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl
+
+from gateway.multi_host_url import credentials_and_hosts, host_ports
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 # The TLS options a query may set, as redis-py's connections take them.
@@ -45,14 +47,8 @@ def parse_cluster_url(text: str) -> ClusterUrl:
             "must not name a database or path after the hosts: a cluster has only database 0"
             " (a password's / must be written %2F)"
         )
-    userinfo, at, hosts = netloc.rpartition("@")
-    username: str | None = None
-    password: str | None = None
-    if at:
-        user_text, colon, password_text = userinfo.partition(":")
-        username = unquote(user_text) or None
-        password = unquote(password_text) if colon else None
-    nodes = tuple(_host_port(item) for item in hosts.split(","))
+    username, password, hosts = credentials_and_hosts(netloc)
+    nodes = host_ports(hosts, 6379, "cluster nodes")
     tls = scheme.lower() == "rediss+cluster"
     options = tuple(parse_qsl(query, keep_blank_values=True))
     unknown = sorted({name for name, _ in options} - TLS_OPTIONS)
@@ -61,15 +57,3 @@ def parse_cluster_url(text: str) -> ClusterUrl:
     if options and not tls:
         raise ValueError("has TLS options but is not rediss+cluster://")
     return ClusterUrl(nodes, tls, username, password, options)
-
-
-def _host_port(item: str) -> tuple[str, int]:
-    host, colon, port_text = item.strip().rpartition(":")
-    if not colon:
-        host, port_text = item.strip(), "6379"
-    host = host.removeprefix("[").removesuffix("]")
-    if not host or not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
-        raise ValueError(
-            "must list cluster nodes as HOST:PORT, separated by commas (a password's / must be written %2F)"
-        )
-    return host, int(port_text)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
+from gateway.multi_host_url import credentials_and_hosts, host_ports
+
 SENTINEL_SCHEME = "redis+sentinel"
 
 
@@ -32,29 +34,11 @@ def parse_sentinel_url(text: str) -> SentinelUrl:
     if "?" in rest or "#" in rest:
         raise ValueError("must not have a query or a fragment")
     netloc, _, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    username: str | None = None
-    password: str | None = None
-    if at:
-        user_text, colon, password_text = userinfo.partition(":")
-        username = unquote(user_text) or None
-        password = unquote(password_text) if colon else None
-    sentinels = tuple(_host_port(item) for item in hosts.split(","))
+    username, password, hosts = credentials_and_hosts(netloc)
+    sentinels = host_ports(hosts, 26379, "sentinels")
     service, _, db_text = path.strip("/").partition("/")
     if not service:
         raise ValueError("must name the service after the hosts: redis+sentinel://HOST:PORT/SERVICE")
     if db_text and not (db_text.isascii() and db_text.isdigit()):
         raise ValueError("has a database number that is not a number (a password's / must be written %2F)")
     return SentinelUrl(sentinels, unquote(service), int(db_text or 0), username, password)
-
-
-def _host_port(item: str) -> tuple[str, int]:
-    host, colon, port_text = item.strip().rpartition(":")
-    if not colon:
-        host, port_text = item.strip(), "26379"
-    host = host.removeprefix("[").removesuffix("]")
-    if not host or not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
-        raise ValueError(
-            "must list sentinels as HOST:PORT, separated by commas (a password's / must be written %2F)"
-        )
-    return host, int(port_text)
