@@ -67,8 +67,11 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 class Bench:
-    def __init__(self, workdir: Path, *, store: str = "sqlite", redis: str = "up") -> None:
+    def __init__(
+        self, workdir: Path, *, store: str = "sqlite", redis: str = "up", access_log: bool = False
+    ) -> None:
         self.workdir = workdir
+        self.access_log = access_log
         self.store = store
         self.redis = redis
         self.postgres: PostgresServer | None = None
@@ -107,11 +110,12 @@ class Bench:
             "GATEWAY_DATABASE_URL": database_url,
             "GATEWAY_UPSTREAM": f"http://127.0.0.1:{self.upstream_port}",
             "GATEWAY_ADMIN_KEY": ADMIN_KEY,
-            "GATEWAY_ACCESS_LOG": "false",
+            "GATEWAY_ACCESS_LOG": "true" if self.access_log else "false",
             "GATEWAY_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}",
         }
         if self.store == "postgresql":
             common["GATEWAY_CACHE_TTL"] = "60"
+        self.environment = common  # for a further process of the same deployment
         await wait_http(f"http://127.0.0.1:{self.upstream_port}/")
         migrate = ["--migrate"] if self.store == "postgresql" else []
         self.spawn([sys.executable, "-m", "gateway", "admin", *migrate], **common)

@@ -1,7 +1,7 @@
 """Are per-token limits exact across replicas, and what do they cost?
 
 Starts a real redis-server, one `gateway admin` and two `gateway proxy` processes (the setup of
-propagation.py), then:
+propagation.py, with the access log on as by default), then:
 
 1. Accuracy: for each multiple k (default 2, 5, 10), a fresh token limited to N requests per W seconds is
    driven through both replicas, alternately, at k times its rate for `--duration` seconds (open loop: a
@@ -9,9 +9,11 @@ propagation.py), then:
    W / N seconds of the run, so the expected count is N + span x N / W, span being the time from the first
    to the last request sent. A quota (N in total) driven the same way must admit exactly N.
 2. Cost: wrk (c=32, 2 threads) against one replica with an unlimited token, then with a token limited to
-   100 000 per second (never refused, so every request runs the Redis script); requests per second of both,
-   `--rounds` times, median, with the CPU time per request of the proxy process and of redis-server (both
-   share the machine's cores with wrk and the upstream, so both weigh on the rate).
+   100 000 per second (never refused): with the defaults (the replica leases shares of the budget,
+   leases.py), and against a third `gateway proxy` with `limit_leases = false` (every request runs the Redis
+   script); requests per second of each, `--rounds` times, median, with the CPU time per request of the proxy
+   process and of redis-server (both share the machine's cores with wrk and the upstream, so both weigh on
+   the rate).
 
     .venv/bin/python bench/ratelimit.py [--requests 100] [--window 10] [--multiples 2 5 10] [--duration 20]
                                         [--cost-seconds 10] [--rounds 3] [--out bench/results/ratelimit.md]
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import aiohttp
 from load import wrk, wrk_script
-from propagation import ADMIN_KEY, Bench
+from propagation import ADMIN_KEY, Bench, free_port, wait_http
 
 
 async def admin_call(
@@ -162,49 +164,68 @@ async def cost(bench: Bench, arguments: argparse.Namespace, workdir: Path) -> li
                 "rate_limit": {"requests": 100_000, "per_seconds": 1},
             },
         )
-    url = f"http://127.0.0.1:{bench.proxy_ports[0]}/api/bench"
-    log = workdir / "wrk.log"
-    proxy_pid = bench.processes[-2].pid  # the first `gateway proxy` (bench.proxy_ports[0])
+    exact_port = free_port()  # one more replica, with every request checked in Redis
+    bench.spawn(
+        [sys.executable, "-m", "gateway", "proxy"],
+        **bench.environment,
+        GATEWAY_PROXY_LISTEN=f"127.0.0.1:{exact_port}",
+        GATEWAY_LIMIT_LEASES="false",
+    )
+    exact_pid = bench.processes[-1].pid
+    await wait_http(f"http://127.0.0.1:{exact_port}/")
+    first_pid = bench.processes[-3].pid  # the first `gateway proxy` (bench.proxy_ports[0])
     assert bench.redis_process is not None
     redis_pid = bench.redis_process.pid
-    rates: dict[str, list[float]] = {"unlimited": [], "limited": []}
-    cpu: dict[str, list[float]] = {"unlimited": [], "limited": []}  # microseconds of the proxy per request
-    redis_cpu: dict[str, list[float]] = {"unlimited": [], "limited": []}  # and of redis-server
+    log = workdir / "wrk.log"
+    runs = {  # name: (token, port, proxy pid)
+        "unlimited": (plain, bench.proxy_ports[0], first_pid),
+        "limited": (limited, bench.proxy_ports[0], first_pid),
+        "limited, leases off": (limited, exact_port, exact_pid),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}  # microseconds of the proxy per request
+    redis_cpu: dict[str, list[float]] = {name: [] for name in runs}  # and of redis-server
     for _ in range(arguments.rounds):
-        for name, created in (("unlimited", plain), ("limited", limited)):
-            script = wrk_script(workdir, name, f"Bearer {created['token']}")
+        for name, (created, port, pid) in runs.items():
+            url = f"http://127.0.0.1:{port}/api/bench"
+            script = wrk_script(workdir, name.replace(",", "").replace(" ", "-"), f"Bearer {created['token']}")
             await wrk(wrk_binary, url, script, 32, 2, log)  # warm-up: connections, the argon2 memo
-            before, redis_before = cpu_seconds(proxy_pid), cpu_seconds(redis_pid)
+            before, redis_before = cpu_seconds(pid), cpu_seconds(redis_pid)
             result = await wrk(wrk_binary, url, script, 32, arguments.cost_seconds, log)
-            cpu[name].append((cpu_seconds(proxy_pid) - before) / result.requests * 1e6)
+            cpu[name].append((cpu_seconds(pid) - before) / result.requests * 1e6)
             redis_cpu[name].append((cpu_seconds(redis_pid) - redis_before) / result.requests * 1e6)
             rates[name].append(result.rate)
-    unlimited, limited_rate = statistics.median(rates["unlimited"]), statistics.median(rates["limited"])
-    unlimited_cpu, limited_cpu = statistics.median(cpu["unlimited"]), statistics.median(cpu["limited"])
-    unlimited_redis = statistics.median(redis_cpu["unlimited"])
-    limited_redis = statistics.median(redis_cpu["limited"])
-    return [
+    labels = {
+        "unlimited": "unlimited",
+        "limited": "rate_limit 100000/1s, the defaults (leased)",
+        "limited, leases off": "rate_limit 100000/1s, `limit_leases = false` (every request checked in Redis)",
+    }
+    rows = [
         "| token | requests/s (median of rounds) | proxy CPU per request | redis-server CPU per request |"
         " rounds (requests/s) |",
         "|---|---:|---:|---:|---|",
-        (
-            f"| unlimited | {unlimited:,.0f} | {unlimited_cpu:.1f} µs | {unlimited_redis:.1f} µs |"
-            f" {', '.join(f'{r:,.0f}' for r in rates['unlimited'])} |"
-        ),
-        (
-            f"| rate_limit 100000/1s (every request checked in Redis) | {limited_rate:,.0f} |"
-            f" {limited_cpu:.1f} µs | {limited_redis:.1f} µs |"
-            f" {', '.join(f'{r:,.0f}' for r in rates['limited'])} |"
-        ),
-        "",
-        f"Limited against unlimited: {limited_rate / unlimited - 1:+.1%} requests per second,"
-        f" {limited_cpu / unlimited_cpu - 1:+.1%} CPU per request in the proxy process.",
     ]
+    for name, label in labels.items():
+        rows.append(
+            f"| {label} | {statistics.median(rates[name]):,.0f} | {statistics.median(cpu[name]):.1f} µs |"
+            f" {statistics.median(redis_cpu[name]):.1f} µs | {', '.join(f'{r:,.0f}' for r in rates[name])} |"
+        )
+    unlimited = statistics.median(rates["unlimited"])
+    unlimited_cpu = statistics.median(cpu["unlimited"])
+    rows.append("")
+    for name in ("limited", "limited, leases off"):
+        rows.append(
+            f"{labels[name]} against unlimited: {statistics.median(rates[name]) / unlimited - 1:+.1%} requests"
+            f" per second, {statistics.median(cpu[name]) / unlimited_cpu - 1:+.1%} CPU per request in the proxy"
+            " process."
+        )
+        rows.append("")
+    return rows[:-1]
 
 
 async def run(arguments: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory(prefix="gateway-ratelimit-") as directory:
-        bench = Bench(Path(directory))
+        bench = Bench(Path(directory), access_log=True)  # the defaults: each request logged
         try:
             await bench.start()
             rows = await accuracy(bench, arguments)

@@ -6,9 +6,10 @@ This is Envoy's rate limit quota service idea (a server hands each proxy an assi
 granted by the limits script itself (shared.py): after allowing a request it may debit `want` more units, at
 most one sixteenth (LEASE_SHARE) of what is still free, of the rate and of the quota alike. So near a limit
 nothing is leased: with fewer than 16 requests' worth free, every request is one check in Redis, exactly as
-without leases, and two replicas can still never both spend the last request. A replica asks for twice what
-it used since its last grant (at most MAX_LEASE), only while the token is busy here (a request within
-2 x LEASE_SECONDS of the last grant), and spends a lease for LEASE_SECONDS.
+without leases, and two replicas can still never both spend the last request. A replica asks for what the
+token used here in the last LEASE_SECONDS (at most MAX_LEASE), and only when that is at least MIN_LEASE: a
+lease pays for a busy token, and one sized by use leaves little to lapse. It spends a lease for
+LEASE_SECONDS.
 
 A lease never admits more than the limit allows: its units are debited in Redis before they are spent. What
 it changes:
@@ -30,6 +31,7 @@ from typing import Any
 
 LEASE_SECONDS = 0.25
 LEASE_SHARE = 16  # a lease is at most 1/LEASE_SHARE of the free budget (the script's own constant)
+MIN_LEASE = 8  # a token busy enough to lease does this many requests here per LEASE_SECONDS (32 a second)
 MAX_LEASE = 1000
 
 
@@ -38,33 +40,49 @@ class Lease:
 
     `ahead` is how far Redis's TAT was ahead of the grant's time `granted` (seconds since EPOCH) just after
     it, and `used` its quota count, the lease's units included (kept relative: a TAT of 2027 in seconds has
-    an ulp of a few nanoseconds, too coarse for a 10 µs interval); `served` counts this token's requests
-    here since the grant, which sizes the next one."""
+    an ulp of a few nanoseconds, too coarse for a 10 µs interval). `served` counts this token's requests here
+    since `period_start`, `recent` those of the period of LEASE_SECONDS before: what the next lease is sized
+    by, so that it lasts about as long as it may."""
 
-    __slots__ = ("ahead", "asking", "call", "expires", "granted", "served", "units", "used")
+    __slots__ = (
+        "call",
+        "units",
+        "expires",
+        "granted",
+        "ahead",
+        "used",
+        "period_start",
+        "served",
+        "recent",
+        "asking",
+    )
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, now: float) -> None:
         self.call = call
         self.units = 0
         self.expires = -1.0  # the gateway clock's time after which the units are not spent
         self.granted = 0.0
         self.ahead = 0.0
         self.used = 0
+        self.period_start = now
         self.served = 0
+        self.recent = 0
         self.asking = False  # a check that may grant units is in flight: the others ask for none
 
     def want(self, now: float) -> int:
-        """Units to ask for with the next check in Redis: twice what was used since the last grant, while
-        the token is busy here."""
-        if now >= self.expires + LEASE_SECONDS:
-            return 0
-        return min(MAX_LEASE, 2 * self.served)
+        """Units to ask for with the next check in Redis: as many as this token used here in the last
+        LEASE_SECONDS, when that is at least MIN_LEASE."""
+        elapsed = now - self.period_start
+        if elapsed >= LEASE_SECONDS:
+            self.recent = self.served if elapsed < 2 * LEASE_SECONDS else 0  # else idle meanwhile
+            self.served, self.period_start = 0, now
+        units = max(self.recent, self.served)
+        return min(MAX_LEASE, units) if units >= MIN_LEASE else 0
 
     def grant(self, units: int, ahead: float, used: int, now: float, since_epoch: float) -> None:
         self.units += units
         self.granted, self.ahead, self.used = since_epoch, ahead, used
         self.expires = now + LEASE_SECONDS
-        self.served = 1
 
     def spend(self, since_epoch: float, interval: float) -> tuple[float, int]:
         """One request from the lease at `since_epoch`: (the TAT it found less now, in seconds; the quota

@@ -299,7 +299,7 @@ class RedisLimiter:
         if leases is not None and lease is None:
             if len(leases) >= self._max_entries:
                 self._give_back(leases.pop(next(iter(leases))))  # the oldest
-            lease = leases[token_id] = Lease(call)
+            lease = leases[token_id] = Lease(call, now)
         if lease is not None:
             lease.served += 1
             if not lease.asking:  # this check may take a lease; the others meanwhile ask for none
@@ -330,11 +330,11 @@ class RedisLimiter:
             self._outage.recovered()
         if refused == b"0":
             used = int(used_text)
-            if asker is not None:
-                units = 0 if leased == b"0" else int(leased)
+            if leased != b"0" and asker is not None:
+                units = int(leased)
                 used -= units  # this request's own answer, as if it had leased nothing
                 asker.grant(units, found + (units + 1) * call.interval, used + units, now, now - EPOCH)
-                if units and call.quota is not None:
+                if call.quota is not None:
                     asyncio.get_running_loop().call_later(LEASE_SECONDS, self._lapse, asker, asker.expires)
             return self._allowed(call, quota, now, end, found, used)
         # The header fields, as gcra.py computes them, from the TAT found (how far ahead of now).

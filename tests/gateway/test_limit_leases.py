@@ -14,7 +14,7 @@ from gateway.ratelimits.gcra import LimitOutcome, LocalLimiter
 from gateway.ratelimits.leases import MAX_LEASE
 from gateway.ratelimits.policy import Quota, QuotaPeriod, RateLimit
 from gateway.ratelimits.shared import RedisLimiter
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, SettableClock
 from tests.redis_server import RedisServer
 
 NOW = 1_800_000_000.0
@@ -184,7 +184,7 @@ async def test_without_leases_every_check_is_one_call_of_the_script(redis_server
 async def test_through_the_proxy_a_leased_token_counts_down_one_by_one(
     start_gateway: GatewayFactory, redis_url: str
 ) -> None:
-    gateway = await start_gateway(redis_url=redis_url)
+    gateway = await start_gateway(redis_url=redis_url, clock=SettableClock())  # still: all in one period
     token = (await gateway.create_token(quota={"requests": 100_000, "period": "day"}))["token"]
 
     remaining = []
