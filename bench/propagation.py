@@ -81,6 +81,7 @@ class Bench:
         self.upstream_port = free_port()
         self.admin_port = free_port()
         self.proxy_ports = [free_port(), free_port()]
+        self.metrics_ports = [free_port(), free_port()]  # each proxy's /metrics (the admin key reads them)
 
     def spawn(self, argv: list[str], **environment: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
@@ -120,9 +121,9 @@ class Bench:
         migrate = ["--migrate"] if self.store == "postgresql" else []
         self.spawn([sys.executable, "-m", "gateway", "admin", *migrate], **common)
         await wait_http(f"http://127.0.0.1:{self.admin_port}/healthz")
-        for port in self.proxy_ports:
+        for port, metrics_port in zip(self.proxy_ports, self.metrics_ports, strict=True):
             self.spawn([sys.executable, "-m", "gateway", "proxy"], **common,
-                       GATEWAY_PROXY_LISTEN=f"127.0.0.1:{port}")
+                       GATEWAY_PROXY_LISTEN=f"127.0.0.1:{port}", GATEWAY_METRICS_LISTEN=f"127.0.0.1:{metrics_port}")
         for port in self.proxy_ports:
             await wait_http(f"http://127.0.0.1:{port}/")
         if self.redis == "stopped":

@@ -7,7 +7,10 @@ propagation.py, with the access log on as by default), then:
    driven through both replicas, alternately, at k times its rate for `--duration` seconds (open loop: a
    request every 1 / (k N / W) seconds, whatever the answers). GCRA admits the burst (N) plus one request per
    W / N seconds of the run, so the expected count is N + span x N / W, span being the time from the first
-   to the last request sent. A quota (N in total) driven the same way must admit exactly N.
+   to the last request sent. A limit of `--busy` requests per W seconds is driven the same way at x2: each
+   replica then sees far more than 32 requests a second, so it leases shares of the budget until the budget
+   is nearly spent (the row counts the requests served from leases, from each proxy's /metrics). A quota (N
+   in total) driven the same way must admit exactly N.
 2. Cost: wrk (c=32, 2 threads) against one replica with an unlimited token, then with a token limited to
    100 000 per second (never refused): with the defaults (the replica leases shares of the budget,
    leases.py), and against a third `gateway proxy` with `limit_leases = false` (every request runs the Redis
@@ -15,8 +18,9 @@ propagation.py, with the access log on as by default), then:
    process and of redis-server (both share the machine's cores with wrk and the upstream, so both weigh on
    the rate).
 
-    .venv/bin/python bench/ratelimit.py [--requests 100] [--window 10] [--multiples 2 5 10] [--duration 20]
-                                        [--cost-seconds 10] [--rounds 3] [--out bench/results/ratelimit.md]
+    .venv/bin/python bench/ratelimit.py [--requests 100] [--window 10] [--multiples 2 5 10] [--busy 2000]
+                                        [--duration 20] [--cost-seconds 10] [--rounds 3]
+                                        [--out bench/results/ratelimit.md]
 
 Run it on a quiet machine (the figures in the README come from there); `--duration 2 --cost-seconds 2
 --rounds 1` is a smoke run.
@@ -118,6 +122,33 @@ async def accuracy(bench: Bench, arguments: argparse.Namespace) -> list[str]:
                 f"| {requests} / {window} s | x{multiple:g} ({rate:g}/s) | {sent} | {ok} |"
                 f" {expected:.1f} | {ok / expected:.2%} | {other} |"
             )
+        if arguments.busy:
+            # A limit high enough for leases (leases.py): 2 replicas at twice its rate are each far above
+            # 32 requests a second, and its budget leaves shares to lease until it is nearly spent.
+            busy = arguments.busy
+            created = await admin_call(
+                session,
+                bench,
+                "POST",
+                "/v1/tokens",
+                {
+                    "name": "bench busy",
+                    "access_level": "read_only",
+                    "rate_limit": {"requests": busy, "per_seconds": window},
+                },
+            )
+            leased_before = await leased_checks(session, bench)
+            rate = 2 * busy / window
+            ok, limited, other, span = await drive(
+                session, bench.proxy_ports, str(created["token"]), rate, arguments.duration, settle=window
+            )
+            leased = await leased_checks(session, bench) - leased_before
+            sent = ok + limited + other
+            expected = min(sent, len(bench.proxy_ports) + busy + span * busy / window)
+            rows.append(
+                f"| {busy} / {window} s (leases: {leased} of {ok} admitted) | x2 ({rate:g}/s) | {sent} | {ok} |"
+                f" {expected:.1f} | {ok / expected:.2%} | {other} |"
+            )
         created = await admin_call(
             session,
             bench,
@@ -137,6 +168,18 @@ async def accuracy(bench: Bench, arguments: argparse.Namespace) -> list[str]:
             f" {ok / requests:.2%} | {other} |"
         )
     return rows
+
+
+async def leased_checks(session: aiohttp.ClientSession, bench: Bench) -> int:
+    """Requests both replicas served from leases so far (gateway_rate_limit_checks_total{counted="lease"})."""
+    total = 0
+    for port in bench.metrics_ports:
+        url = f"http://127.0.0.1:{port}/metrics"
+        async with session.get(url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as reply:
+            for line in (await reply.text()).splitlines():
+                if line.startswith('gateway_rate_limit_checks_total{counted="lease"}'):
+                    total += int(float(line.rsplit(" ", 1)[1]))
+    return total
 
 
 def cpu_seconds(pid: int) -> float:
@@ -201,8 +244,10 @@ async def cost(bench: Bench, arguments: argparse.Namespace, workdir: Path) -> li
         "limited, leases off": "rate_limit 100000/1s, `limit_leases = false` (every request checked in Redis)",
     }
     rows = [
-        "| token | requests/s (median of rounds) | proxy CPU per request | redis-server CPU per request |"
-        " rounds (requests/s) |",
+        (
+            "| token | requests/s (median of rounds) | proxy CPU per request | redis-server CPU per request |"
+            " rounds (requests/s) |"
+        ),
         "|---|---:|---:|---:|---|",
     ]
     for name, label in labels.items():
@@ -260,6 +305,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100, help="N: the limit's requests (default 100)")
     parser.add_argument("--window", type=int, default=10, help="W: its per_seconds (default 10)")
     parser.add_argument("--multiples", type=float, nargs="+", default=[2, 5, 10])
+    parser.add_argument(
+        "--busy", type=int, default=2000, help="requests per window of a limit driven at x2 with leases (0: none)"
+    )
     parser.add_argument("--duration", type=float, default=20, help="seconds of traffic per multiple")
     parser.add_argument("--cost-seconds", type=float, default=10, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3)
