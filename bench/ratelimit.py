@@ -8,7 +8,7 @@ propagation.py, with the access log on as by default), then:
    request every 1 / (k N / W) seconds, whatever the answers). GCRA admits the burst (N) plus one request per
    W / N seconds of the run, so the expected count is N + span x N / W, span being the time from the first
    to the last request sent. A limit of `--busy` requests per W seconds is driven the same way at x2: each
-   replica then sees far more than 32 requests a second, so it leases shares of the budget until the budget
+   replica then sees far more than 64 requests a second, so it leases shares of the budget until the budget
    is nearly spent (the row counts the requests served from leases, from each proxy's /metrics). A quota (N
    in total) driven the same way must admit exactly N.
 2. Cost: wrk (c=32, 2 threads) against one replica with an unlimited token, then with a token limited to
@@ -124,7 +124,7 @@ async def accuracy(bench: Bench, arguments: argparse.Namespace) -> list[str]:
             )
         if arguments.busy:
             # A limit high enough for leases (leases.py): 2 replicas at twice its rate are each far above
-            # 32 requests a second, and its budget leaves shares to lease until it is nearly spent.
+            # 64 requests a second, and its budget leaves shares to lease until it is nearly spent.
             busy = arguments.busy
             created = await admin_call(
                 session,

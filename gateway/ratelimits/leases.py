@@ -6,10 +6,10 @@ This is Envoy's rate limit quota service idea (a server hands each proxy an assi
 granted by the limits script itself (shared.py): after allowing a request it may debit `want` more units, at
 most one sixteenth (LEASE_SHARE) of what is still free, of the rate and of the quota alike. So near a limit
 nothing is leased: with fewer than 16 requests' worth free, every request is one check in Redis, exactly as
-without leases, and two replicas can still never both spend the last request. A replica asks for what the
-token used here in the last LEASE_SECONDS (at most MAX_LEASE), and only when that is at least MIN_LEASE: a
-lease pays for a busy token, and one sized by use leaves little to lapse. It spends a lease for
-LEASE_SECONDS.
+without leases, and two replicas can still never both spend the last request. A replica asks for half
+what the token used here in the last LEASE_SECONDS (at most MAX_LEASE), and only when that is at least
+MIN_LEASE: a lease pays for a busy token only, and one that lasts about half its time leaves little to lapse
+at its end. It spends a lease for at most LEASE_SECONDS.
 
 A lease never admits more than the limit allows: its units are debited in Redis before they are spent. What
 it changes:
@@ -31,7 +31,7 @@ from typing import Any
 
 LEASE_SECONDS = 0.25
 LEASE_SHARE = 16  # a lease is at most 1/LEASE_SHARE of the free budget (the script's own constant)
-MIN_LEASE = 8  # a token busy enough to lease does this many requests here per LEASE_SECONDS (32 a second)
+MIN_LEASE = 8  # the least worth asking for: a token doing 16 requests here per LEASE_SECONDS (64 a second)
 MAX_LEASE = 1000
 
 
@@ -45,16 +45,16 @@ class Lease:
     by, so that it lasts about as long as it may."""
 
     __slots__ = (
+        "ahead",
+        "asking",
         "call",
-        "units",
         "expires",
         "granted",
-        "ahead",
-        "used",
         "period_start",
-        "served",
         "recent",
-        "asking",
+        "served",
+        "units",
+        "used",
     )
 
     def __init__(self, call: Any, now: float) -> None:
@@ -70,13 +70,13 @@ class Lease:
         self.asking = False  # a check that may grant units is in flight: the others ask for none
 
     def want(self, now: float) -> int:
-        """Units to ask for with the next check in Redis: as many as this token used here in the last
+        """Units to ask for with the next check in Redis: half what this token used here in the last
         LEASE_SECONDS, when that is at least MIN_LEASE."""
         elapsed = now - self.period_start
         if elapsed >= LEASE_SECONDS:
             self.recent = self.served if elapsed < 2 * LEASE_SECONDS else 0  # else idle meanwhile
             self.served, self.period_start = 0, now
-        units = max(self.recent, self.served)
+        units = max(self.recent, self.served) // 2  # lasts half a period: little is left to lapse at its end
         return min(MAX_LEASE, units) if units >= MIN_LEASE else 0
 
     def grant(self, units: int, ahead: float, used: int, now: float, since_epoch: float) -> None:
@@ -90,5 +90,5 @@ class Lease:
         units = self.units
         self.units = units - 1
         self.served += 1
-        found = max(0.0, self.ahead - units * interval - (since_epoch - self.granted))
-        return found, self.used - units + 1
+        found = self.ahead - units * interval - (since_epoch - self.granted)
+        return (found if found > 0.0 else 0.0), self.used - units + 1

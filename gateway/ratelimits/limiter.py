@@ -75,8 +75,10 @@ class TokenLimiter:
             or not policy.start <= now < policy.end
         ):
             policy = self._policy(record.id, rate, quota, now)
-        if self.shared is not None:
-            outcome = await self.shared.check(record.id, rate, quota, now, policy.window)
+        shared = self.shared
+        if shared is not None:
+            leased = shared.spend_lease(record.id, rate, quota, now, policy.window)
+            outcome = await shared.check(record.id, rate, quota, now, policy.window) if leased is None else leased
         else:
             outcome = self.local.check(record.id, rate, quota, now)
         if outcome.refused is not None:

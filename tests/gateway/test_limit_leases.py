@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as redis
 
 from gateway.ratelimits.gcra import LimitOutcome, LocalLimiter
-from gateway.ratelimits.leases import MAX_LEASE
+from gateway.ratelimits.leases import MIN_LEASE
 from gateway.ratelimits.policy import Quota, QuotaPeriod, RateLimit
 from gateway.ratelimits.shared import RedisLimiter
 from tests.conftest import GatewayFactory, SettableClock
@@ -79,7 +79,8 @@ async def test_a_busy_token_far_below_its_limits_is_checked_in_redis_once_per_le
     assert [o.quota_remaining for o in outcomes] == list(range(999_999, 996_999, -1))
     assert [o.rate_remaining for o in outcomes] == list(range(99_999, 96_999, -1))
     assert limiter.redis_checks + limiter.leased_checks == 3000
-    assert limiter.redis_checks <= 3000 // MAX_LEASE + 20  # 0, 2, 6, ... units asked for, then MAX_LEASE
+    # Checked alone until busy (2 x MIN_LEASE requests), then leases of half the use so far, up to MAX_LEASE.
+    assert 2 * MIN_LEASE <= limiter.redis_checks < 2 * MIN_LEASE + 20
     assert await replicas.quota_used() >= 3000  # the lease's units are taken in Redis before they are spent
 
 
