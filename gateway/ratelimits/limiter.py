@@ -78,7 +78,9 @@ class TokenLimiter:
         shared = self.shared
         if shared is not None:
             leased = shared.spend_lease(record.id, rate, quota, now, policy.window)
-            outcome = await shared.check(record.id, rate, quota, now, policy.window) if leased is None else leased
+            outcome = (
+                await shared.check(record.id, rate, quota, now, policy.window) if leased is None else leased
+            )
         else:
             outcome = self.local.check(record.id, rate, quota, now)
         if outcome.refused is not None:

@@ -383,7 +383,9 @@ class RedisLimiter:
         if not interval:
             return _new_outcome((None, 0, 0.0, left, quota_reset, None))
         remaining = math.floor((call.tolerance - found - interval) / interval + 1e-9) + 1
-        return _new_outcome((None, remaining if remaining > 0 else 0, found + interval, left, quota_reset, None))
+        return _new_outcome(
+            (None, remaining if remaining > 0 else 0, found + interval, left, quota_reset, None)
+        )
 
     def _run(self, call: _Call, nanoseconds: float, want: int) -> Awaitable[bytes]:
         """One call of the script: its line of the reply. `want`: the script's third argument."""
