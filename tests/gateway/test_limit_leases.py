@@ -15,6 +15,7 @@ from gateway.ratelimits.leases import MIN_LEASE
 from gateway.ratelimits.policy import Quota, QuotaPeriod, RateLimit
 from gateway.ratelimits.shared import RedisLimiter
 from tests.conftest import GatewayFactory, SettableClock
+from tests.gateway.test_metrics import scrape, value
 from tests.redis_server import RedisServer
 
 NOW = 1_800_000_000.0
@@ -195,8 +196,10 @@ async def test_through_the_proxy_a_leased_token_counts_down_one_by_one(
         remaining.append(int(response.headers["RateLimit"].split("r=")[1].split(";")[0]))
 
     assert remaining == list(range(99_999, 99_939, -1))
-    shared = gateway.core.limiter.shared
-    assert shared is not None and shared.leased_checks > 0
+    _, samples = await scrape(gateway)
+    leased = value(samples, "gateway_rate_limit_checks_total", counted="lease")
+    checked = value(samples, "gateway_rate_limit_checks_total", counted="redis")
+    assert leased > 0 and leased + checked == 60
 
 
 async def test_the_setting_turns_leases_off(start_gateway: GatewayFactory, redis_url: str) -> None:
