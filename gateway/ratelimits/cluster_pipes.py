@@ -54,17 +54,26 @@ class ClusterPipes:
         self._pipes.clear()
 
     async def call(
-        self, keys: Sequence[str], encoded_keys: bytes, arguments: bytes, plain_arguments: Sequence[str | bytes]
+        self,
+        keys: Sequence[str],
+        encoded_keys: bytes,
+        arguments: bytes,
+        plain_arguments: Sequence[str | bytes],
+        *,
+        replay: bool = True,
     ) -> bytes:
         """The check's line of the script's reply: `encoded_keys` and `arguments` as ScriptPipe.call takes
-        them, `keys` and `plain_arguments` the same for redis-py."""
+        them, `keys` and `plain_arguments` the same for redis-py. `replay=False`: a call that must not run
+        twice (a lease's give-back) is not handed to redis-py when the pipe fails, since the pipe may have
+        run it before it failed (a timeout, a connection lost after the write)."""
         slot = _slot(keys[0])
         pipe = self._pipe_for(slot)
         if pipe is not None:
             try:
                 return await pipe.call(encoded_keys, arguments, slot)
             except (ReplyError, OSError):
-                pass
+                if not replay:
+                    raise
         self.fallbacks += 1
         line = await self._fallback(keys, plain_arguments)
         return line.encode() if isinstance(line, str) else bytes(line)

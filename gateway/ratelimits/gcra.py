@@ -50,11 +50,12 @@ class LimitOutcome(NamedTuple):
 # TATs are kept in seconds since this moment (2026-01-01T00:00:00Z), not since 1970: a double then resolves
 # well under a microsecond for decades, so even 100 000 requests a second are counted exactly.
 EPOCH = 1_767_225_600.0
-# A request is refused only when it comes more than this share of an interval early: a TAT is a sum of
-# intervals, each addition rounded to the TAT's precision (about 4 ns in 2027), and a burst's rounding must not
-# refuse its last request (a burst of 1000 at 3.6 s intervals would otherwise admit 999). Never a whole
-# request more: each request still moves the TAT on by a whole interval.
-SLACK = 1e-3
+# A request is refused only when it comes more than SLACK early: a thousandth of its interval, plus 2 µs. A TAT
+# is a sum of intervals, each addition rounded to the TAT's precision (about 4 ns in 2027, 8 ns from 2030), the
+# same way each time, and a burst's rounding must not refuse its last request (a burst of 1000 at 3.6 s
+# intervals admitted 999). 2 µs covers about 1000 additions in 2027; it stays under the shortest interval (10
+# µs, 100 000 a second), so a burst never gets a whole request more.
+SLACK_SHARE, SLACK_SECONDS = 1e-3, 2e-6
 
 
 def gcra(tat: float | None, now: float, rate: RateLimit) -> tuple[float | None, int, float, float]:
@@ -64,7 +65,7 @@ def gcra(tat: float | None, now: float, rate: RateLimit) -> tuple[float | None, 
     tolerance = interval * (rate.capacity - 1)
     base = now if tat is None or tat < now else tat
     allowed_at = base - tolerance
-    if now + interval * SLACK < allowed_at:
+    if now + interval * SLACK_SHARE + SLACK_SECONDS < allowed_at:
         return None, 0, base - now, allowed_at - now
     new_tat = base + interval
     remaining = max(0, math.floor((now + tolerance - new_tat) / interval + 1e-9) + 1)

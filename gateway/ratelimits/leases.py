@@ -73,14 +73,15 @@ class Lease:
         """Units to ask for with the next check in Redis: half what this token used here in the last
         LEASE_SECONDS, when that is at least MIN_LEASE."""
         elapsed = now - self.period_start
-        if elapsed >= LEASE_SECONDS:
-            self.recent = self.served if elapsed < 2 * LEASE_SECONDS else 0  # else idle meanwhile
-            self.served, self.period_start = 0, now
+        if elapsed >= LEASE_SECONDS:  # a new period, which the asking request (counted already) opens
+            self.recent = self.served - 1 if elapsed < 2 * LEASE_SECONDS else 0  # else idle meanwhile
+            self.served, self.period_start = 1, now
         units = max(self.recent, self.served) // 2  # lasts half a period: little is left to lapse at its end
         return min(MAX_LEASE, units) if units >= MIN_LEASE else 0
 
     def grant(self, units: int, ahead: float, used: int, now: float, since_epoch: float) -> None:
-        self.units += units
+        """Only the asking check grants, after what an earlier lease left was given back: none is held."""
+        self.units = units
         self.granted, self.ahead, self.used = since_epoch, ahead, used
         self.expires = now + LEASE_SECONDS
 
@@ -91,4 +92,4 @@ class Lease:
         self.units = units - 1
         self.served += 1
         found = self.ahead - units * interval - (since_epoch - self.granted)
-        return (found if found > 0.0 else 0.0), self.used - units + 1
+        return (found if found > 0.0 else 0.0), self.used - units + 1  # noqa: FURB136 (no builtin call)

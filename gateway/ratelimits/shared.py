@@ -38,7 +38,15 @@ from redis.exceptions import RedisError
 
 from gateway.outage import OutageLog
 from gateway.ratelimits.cluster_pipes import ClusterPipes
-from gateway.ratelimits.gcra import EPOCH, QUOTA_EXCEEDED, RATE_LIMITED, SLACK, LimitOutcome, LocalLimiter
+from gateway.ratelimits.gcra import (
+    EPOCH,
+    QUOTA_EXCEEDED,
+    RATE_LIMITED,
+    SLACK_SECONDS,
+    SLACK_SHARE,
+    LimitOutcome,
+    LocalLimiter,
+)
 from gateway.ratelimits.leases import LEASE_SECONDS, LEASE_SHARE, Lease
 from gateway.ratelimits.pipe import ReplyError, ScriptPipe, bulk
 from gateway.ratelimits.policy import Quota, RateLimit
@@ -61,7 +69,8 @@ log = logging.getLogger(__name__)
 # A key is read once per batch and written once at its end (the last TAT, the counter raised by the requests
 # counted): the same answers as one script per call, with fewer Redis commands when a busy token has several
 # requests in one turn.
-CHECK_SCRIPT = """
+CHECK_SCRIPT = (
+    """
 local tats, tat_expiry, counts, counted, count_expiry = {}, {}, {}, {}, {}
 local function count_of(quota_key)
   local used = counts[quota_key]
@@ -96,7 +105,7 @@ local function check(rate_key, quota_key, now, interval, tolerance, quota, expir
     return '2,' .. found .. ',' .. used .. ',0'
   end
   local new_tat = base + interval
-  if interval > 0 and now + interval * SLACK < base - tolerance then
+  if interval > 0 and now + interval * SLACK_SHARE + SLACK_SECONDS < base - tolerance then
     return '1,' .. found .. ',' .. (quota > 0 and used or '0') .. ',0'
   end
   local extra = 0
@@ -149,7 +158,10 @@ for key, added in pairs(counted) do
   end
 end
 return table.concat(lines, '\\n')
-""".replace("LEASE_SHARE", str(LEASE_SHARE)).replace("SLACK", repr(SLACK))
+""".replace("LEASE_SHARE", str(LEASE_SHARE))
+    .replace("SLACK_SHARE", repr(SLACK_SHARE))
+    .replace("SLACK_SECONDS", repr(SLACK_SECONDS))
+)
 
 # LimitOutcome(...) runs a Python-level __new__: an allowed request (most are) makes the tuple directly.
 _new_outcome = cast(Callable[[tuple[Any, ...]], LimitOutcome], partial(tuple.__new__, LimitOutcome))
@@ -249,6 +261,7 @@ class RedisLimiter:
         self._calls: dict[str, _Call] = {}  # token id -> its call of the script, but for `now`
         self._leases: dict[str, Lease] | None = {} if leases else None  # token id -> its lease here
         self._giving_back: set[asyncio.Future[bytes]] = set()
+        self._closed = False
         self._max_entries = max_entries
         self.degraded = False  # the last check fell back to this process's own counts
         self.redis_checks = 0
@@ -256,13 +269,15 @@ class RedisLimiter:
         self.leased_checks = 0  # requests served from a lease, without a call of the script
 
     async def close(self) -> None:
-        """Gives back the quota units of every lease (a rolling restart does not lose them), then closes."""
+        """Gives back the quota units of every lease (a rolling restart does not lose them), then closes.
+        A lease granted to a check still in flight then is lost (at most 1/16 of what was free)."""
         if self._leases:
             for lease in list(self._leases.values()):
                 self._give_back(lease)
             self._leases.clear()
         if self._giving_back:
             await asyncio.wait(self._giving_back, timeout=1.0)
+        self._closed = True  # a lease's end after this gives nothing back: the connection is gone
         if self._pipe is not None:
             await self._pipe.close()
         if self._cluster_pipes is not None:
@@ -278,9 +293,9 @@ class RedisLimiter:
     ) -> LimitOutcome:
         """`window`: the quota's period now (its name and end, as `Quota.window` gives them), ("", None)
         without a quota."""
-        leased = self.spend_lease(token_id, rate, quota, now, window)
-        if leased is not None:
-            return leased
+        from_lease = self.spend_lease(token_id, rate, quota, now, window)
+        if from_lease is not None:
+            return from_lease
         period, end = window
         call = self._calls.get(token_id)
         if call is None or call.rate is not rate or call.quota is not quota or call.period != period:
@@ -305,9 +320,12 @@ class RedisLimiter:
                 self._give_back(lease)  # what an expired lease left
                 want = lease.want(now)
         try:
-            line = await self._run(call, (now - EPOCH) * 1e9, want)
+            if want:
+                line = await self._asking(call, (now - EPOCH) * 1e9, want)
+            else:
+                line = await self._run(call, (now - EPOCH) * 1e9, 0)
             refused, found_text, used_text, leased = line.split(b",")
-            found = float(found_text)
+            found, used, units = float(found_text), int(used_text), int(leased)
         except (RedisError, OSError, ReplyError, ValueError) as error:
             self._outage.failed(
                 error,
@@ -327,16 +345,14 @@ class RedisLimiter:
             self._skip_until = 0.0
             self._outage.recovered()
         if refused == b"0":
-            used = int(used_text)
-            if leased != b"0" and asker is not None:
-                units = int(leased)
+            if units and asker is not None:
                 used -= units  # this request's own answer, as if it had leased nothing
                 asker.grant(units, found + (units + 1) * call.interval, used + units, now, now - EPOCH)
                 if call.quota is not None:
                     asyncio.get_running_loop().call_later(LEASE_SECONDS, self._lapse, asker, asker.expires)
             return self._allowed(call, quota, now, end, found, used)
         # The header fields, as gcra.py computes them, from the TAT found (how far ahead of now).
-        left = 0 if quota is None else max(0, quota.requests - int(used_text))
+        left = 0 if quota is None else max(0, quota.requests - used)
         quota_reset = None if end is None else end - now
         interval, tolerance = call.interval, call.tolerance
         if refused == b"1":
@@ -384,11 +400,12 @@ class RedisLimiter:
             return _new_outcome((None, 0, 0.0, left, quota_reset, None))
         remaining = math.floor((call.tolerance - found - interval) / interval + 1e-9) + 1
         return _new_outcome(
-            (None, remaining if remaining > 0 else 0, found + interval, left, quota_reset, None)
+            (None, remaining if remaining > 0 else 0, found + interval, left, quota_reset, None)  # noqa: FURB136
         )
 
     def _run(self, call: _Call, nanoseconds: float, want: int) -> Awaitable[bytes]:
-        """One call of the script: its line of the reply. `want`: the script's third argument."""
+        """One call of the script: its line of the reply. `want`: the script's third argument (below 0, a
+        give-back, which is never run twice)."""
         if self._pipe is not None:
             return self._pipe.call(
                 call.encoded_keys, call.arguments % nanoseconds + (bulk(b"%d" % want) if want else _NO_LEASE)
@@ -396,8 +413,27 @@ class RedisLimiter:
         plain = (_NOW % nanoseconds, call.limits, b"%d" % want)
         if self._cluster_pipes is not None:
             arguments = call.arguments % nanoseconds + bulk(plain[2])
-            return self._cluster_pipes.call(call.keys, call.encoded_keys, arguments, plain)
+            return self._cluster_pipes.call(call.keys, call.encoded_keys, arguments, plain, replay=want >= 0)
         return self._through_redis_py(call, plain)
+
+    async def _asking(self, call: _Call, nanoseconds: float, want: int) -> bytes:
+        """A check that may take a lease: if its request goes away while it waits (a client that hung up),
+        the call still runs in Redis, and what it leased of the quota is given back when it answers."""
+        answer = asyncio.ensure_future(self._run(call, nanoseconds, want))
+        try:
+            return await asyncio.shield(answer)
+        except asyncio.CancelledError:
+            answer.add_done_callback(partial(self._abandoned, call))
+            raise
+
+    def _abandoned(self, call: _Call, answer: asyncio.Future[bytes]) -> None:
+        if answer.cancelled() or answer.exception() is not None:
+            return
+        units = answer.result().rsplit(b",", 1)[-1]
+        if units != b"0" and units.isdigit():
+            lease = Lease(call, 0.0)
+            lease.units = int(units)
+            self._give_back(lease)
 
     async def _through_redis_py(self, call: _Call, arguments: tuple[bytes, str, bytes]) -> bytes:
         line = await self._script(keys=call.keys, args=arguments)
@@ -412,7 +448,9 @@ class RedisLimiter:
         """The quota units `lease` holds unspent go back to Redis (the rate's lapse); nothing waits for it."""
         units, call = lease.units, lease.call
         lease.units = 0
-        if not units or call.quota is None or (self._skip_until and time.monotonic() < self._skip_until):
+        if not units or call.quota is None or self._closed:
+            return
+        if self._skip_until and time.monotonic() < self._skip_until:
             return
         try:
             giving = asyncio.ensure_future(self._run(call, (time.time() - EPOCH) * 1e9, -units))

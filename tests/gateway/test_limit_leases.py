@@ -19,6 +19,10 @@ from tests.gateway.test_metrics import scrape, value
 from tests.redis_server import RedisServer
 
 NOW = 1_800_000_000.0
+# One request per second, a burst of 100 000: far below the limit for every test here. (Redis expires a TAT
+# key when its budget is whole, in real milliseconds; with a clock that stands still, a 10 µs interval would
+# let the key expire between two requests on a slow machine.)
+GENEROUS = RateLimit(requests=100_000, per_seconds=100_000)
 TOTAL_KEY = "gateway:limit:{t1}:quota:total"
 
 
@@ -68,7 +72,7 @@ async def test_a_busy_token_far_below_its_limits_is_checked_in_redis_once_per_le
 ) -> None:
     limiter = replicas.limiters[0]
     rate, quota = (
-        RateLimit(requests=100_000, per_seconds=1),
+        GENEROUS,
         Quota(requests=1_000_000, period=QuotaPeriod.TOTAL),
     )
     check = checker(limiter, rate, quota)
@@ -83,6 +87,85 @@ async def test_a_busy_token_far_below_its_limits_is_checked_in_redis_once_per_le
     # Checked alone until busy (2 x MIN_LEASE requests), then leases of half the use so far, up to MAX_LEASE.
     assert 2 * MIN_LEASE <= limiter.redis_checks < 2 * MIN_LEASE + 20
     assert await replicas.quota_used() >= 3000  # the lease's units are taken in Redis before they are spent
+
+
+async def counts_after(
+    limiter: RedisLimiter, check: Callable[[], Awaitable[LimitOutcome]], n: int
+) -> tuple[int, int]:
+    for _ in range(n):
+        assert (await check()).refused is None
+    return limiter.redis_checks, limiter.leased_checks
+
+
+async def test_a_lease_is_half_the_use_once_the_token_is_busy(replicas: Replicas) -> None:
+    limiter = replicas.limiters[0]
+    check = checker(limiter, GENEROUS, None)
+
+    # The clock stands still: all in one period. Checked alone until 2 x MIN_LEASE requests, then each lease
+    # is half the requests so far: 8 units at the 16th, 12 at the 25th (16 + 8 + 1), 18 at the 38th.
+    assert await counts_after(limiter, check, 15) == (15, 0)
+    assert await counts_after(limiter, check, 1) == (16, 0)
+    assert await counts_after(limiter, check, 8) == (16, 8)
+    assert await counts_after(limiter, check, 1) == (17, 8)
+    assert await counts_after(limiter, check, 12) == (17, 20)
+    assert await counts_after(limiter, check, 1) == (18, 20)
+    assert await counts_after(limiter, check, 18) == (18, 38)
+
+
+async def test_a_lease_is_sized_by_the_last_period_and_not_after_an_idle_one(replicas: Replicas) -> None:
+    limiter = replicas.limiters[0]
+    rate = GENEROUS
+
+    def at(seconds: float) -> Callable[[], Awaitable[LimitOutcome]]:
+        return lambda: limiter.check("t1", rate, None, NOW + seconds)
+
+    assert await counts_after(limiter, at(0), 24) == (16, 8)
+    # The next period (0.3 s on): sized by the last one's 24 requests at once.
+    assert await counts_after(limiter, at(0.3), 1) == (17, 8)
+    assert await counts_after(limiter, at(0.3), 12) == (17, 20)
+    # After more than two periods without a request the token is not busy: checked alone again.
+    assert await counts_after(limiter, at(1.0), 15) == (32, 20)
+    assert await counts_after(limiter, at(1.0), 1) == (33, 20)
+    assert await counts_after(limiter, at(1.0), 8) == (33, 28)
+
+
+async def test_a_lease_answers_as_redis_would_while_time_passes(replicas: Replicas) -> None:
+    leased, alone = replicas.limiters[0], RedisLimiter(replicas.client, LocalLimiter(), leases=False)
+    rate = RateLimit(requests=100, per_seconds=1, burst=50_000)  # one request per 10 ms
+    quota = Quota(requests=1_000_000, period=QuotaPeriod.DAY)
+    window = quota.window(NOW)[::2]
+    try:
+        # 100 at once (one batch each): each TAT is a second ahead, so Redis keeps its key (it expires a
+        # TAT when the budget is whole, in real time) however slow the machine.
+        await asyncio.gather(*(leased.check("t1", rate, quota, NOW, window) for _ in range(100)))
+        await asyncio.gather(*(alone.check("t2", rate, quota, NOW, window) for _ in range(100)))
+        # Two leases (50 units, then 76) and no lapse in these 100 steps of 3.7 ms: a lapsed rate unit stays
+        # spent in Redis, and the two tokens would then differ by it.
+        for n in range(1, 100):
+            now = NOW + n * 3.7e-3  # faster than the rate refills: the budget drains, never whole again
+            mine = await leased.check("t1", rate, quota, now, window)
+            theirs = await alone.check("t2", rate, quota, now, window)
+            # Redis's TAT is absolute seconds, each addition rounded (a few ns); the lease's is relative.
+            assert mine.quota_remaining == theirs.quota_remaining
+            assert abs(mine.rate_remaining - theirs.rate_remaining) <= 1
+            assert mine.rate_reset == pytest.approx(theirs.rate_reset, abs=1e-6)
+    finally:
+        await alone.close()
+    assert leased.leased_checks > 50
+
+
+async def test_a_lease_spent_after_its_budget_refilled_says_it_is_whole(replicas: Replicas) -> None:
+    limiter = replicas.limiters[0]
+    rate = RateLimit(requests=100_000, per_seconds=1)
+    for _ in range(16):  # the 16th takes a lease of 8
+        await limiter.check("t1", rate, None, NOW)
+
+    later = await limiter.check(
+        "t1", rate, None, NOW + 0.2
+    )  # within the lease, but 0.2 s is 20 000 intervals
+
+    assert limiter.leased_checks == 1
+    assert (later.rate_remaining, later.rate_reset) == (99_999, pytest.approx(1e-5))
 
 
 async def test_near_a_limit_every_request_is_checked_in_redis(replicas: Replicas) -> None:
@@ -143,6 +226,24 @@ async def test_a_quota_lease_gives_back_what_it_did_not_spend_when_it_ends(repli
     assert (await check()).quota_remaining == 100_000 - 101
 
 
+async def test_a_lease_taken_for_a_request_that_went_away_is_given_back(replicas: Replicas) -> None:
+    limiter = replicas.limiters[0]
+    quota = Quota(requests=100_000, period=QuotaPeriod.TOTAL)
+    check = checker(limiter, None, quota)
+    for _ in range(15):
+        await check()
+    asking = asyncio.ensure_future(check())  # the 16th asks for 8 units more
+    await asyncio.sleep(0)  # its call is in the pipe's batch
+    asking.cancel()  # the client hung up: Redis still runs the call
+
+    async def given_back() -> bool:
+        return await replicas.quota_used() == 16
+
+    await until(given_back)
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+
+
 async def test_closing_gives_back_a_quota_lease(replicas: Replicas) -> None:
     limiter = replicas.limiters[0]
     quota = Quota(requests=100_000, period=QuotaPeriod.TOTAL)
@@ -175,7 +276,7 @@ async def test_without_leases_every_check_is_one_call_of_the_script(redis_server
     async with redis.Redis(port=redis_server.port) as client:
         limiter = RedisLimiter(client, LocalLimiter(), leases=False)
         try:
-            check = checker(limiter, RateLimit(requests=100_000, per_seconds=1), None)
+            check = checker(limiter, GENEROUS, None)
             for _ in range(200):
                 await check()
         finally:
