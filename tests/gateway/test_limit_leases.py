@@ -123,10 +123,13 @@ async def test_a_lease_is_sized_by_the_last_period_and_not_after_an_idle_one(rep
     # The next period (0.3 s on): sized by the last one's 24 requests at once.
     assert await counts_after(limiter, at(0.3), 1) == (17, 8)
     assert await counts_after(limiter, at(0.3), 12) == (17, 20)
-    # After more than two periods without a request the token is not busy: checked alone again.
-    assert await counts_after(limiter, at(1.0), 15) == (32, 20)
-    assert await counts_after(limiter, at(1.0), 1) == (33, 20)
-    assert await counts_after(limiter, at(1.0), 8) == (33, 28)
+    assert await counts_after(limiter, at(0.3), 1) == (18, 20)  # still 12: the last period's 24 / 2
+    assert await counts_after(limiter, at(0.3), 12) == (18, 32)
+    # After more than two periods without a request the token is not busy: checked alone again, however
+    # busy the period before the pause was (26 requests).
+    assert await counts_after(limiter, at(1.0), 15) == (33, 32)
+    assert await counts_after(limiter, at(1.0), 1) == (34, 32)
+    assert await counts_after(limiter, at(1.0), 8) == (34, 40)
 
 
 async def test_a_lease_answers_as_redis_would_while_time_passes(replicas: Replicas) -> None:
