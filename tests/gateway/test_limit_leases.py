@@ -41,6 +41,14 @@ class Replicas:
     async def quota_used(self) -> int:
         return int(await self.client.get(TOTAL_KEY) or 0)
 
+    async def until_quota_used(self, count: int) -> None:
+        """Until Redis's count of the total quota is `count` (a give-back lands after its lease's end)."""
+
+        async def reached() -> bool:
+            return await self.quota_used() == count
+
+        await until(reached)
+
 
 @pytest.fixture
 async def replicas(redis_server: RedisServer) -> AsyncIterator[Replicas]:
@@ -222,10 +230,7 @@ async def test_a_quota_lease_gives_back_what_it_did_not_spend_when_it_ends(repli
         await check()
     assert await replicas.quota_used() > 100  # units held by the lease
 
-    async def given_back() -> bool:
-        return await replicas.quota_used() == 100
-
-    await until(given_back)
+    await replicas.until_quota_used(100)
     assert (await check()).quota_remaining == 100_000 - 101
 
 
@@ -239,10 +244,7 @@ async def test_a_lease_taken_for_a_request_that_went_away_is_given_back(replicas
     await asyncio.sleep(0)  # its call is in the pipe's batch
     asking.cancel()  # the client hung up: Redis still runs the call
 
-    async def given_back() -> bool:
-        return await replicas.quota_used() == 16
-
-    await until(given_back)
+    await replicas.until_quota_used(16)
     with pytest.raises(asyncio.CancelledError):
         await asking
 
