@@ -222,12 +222,17 @@ async def test_two_replicas_with_leases_admit_exactly_the_limit(
     assert {o.refused for o in outcomes} - {None} == {refusal}
 
 
+async def busy_on_a_quota(limiter: RedisLimiter, requests: int) -> Callable[[], Awaitable[LimitOutcome]]:
+    """`requests` checks of a token with a total quota of 100 000 (from the 16th on, it holds leases)."""
+    check = checker(limiter, None, Quota(requests=100_000, period=QuotaPeriod.TOTAL))
+    for _ in range(requests):
+        await check()
+    return check
+
+
 async def test_a_quota_lease_gives_back_what_it_did_not_spend_when_it_ends(replicas: Replicas) -> None:
     limiter = replicas.limiters[0]
-    quota = Quota(requests=100_000, period=QuotaPeriod.TOTAL)
-    check = checker(limiter, None, quota)
-    for _ in range(100):
-        await check()
+    check = await busy_on_a_quota(limiter, 100)
     assert await replicas.quota_used() > 100  # units held by the lease
 
     await replicas.until_quota_used(100)
@@ -235,11 +240,7 @@ async def test_a_quota_lease_gives_back_what_it_did_not_spend_when_it_ends(repli
 
 
 async def test_a_lease_taken_for_a_request_that_went_away_is_given_back(replicas: Replicas) -> None:
-    limiter = replicas.limiters[0]
-    quota = Quota(requests=100_000, period=QuotaPeriod.TOTAL)
-    check = checker(limiter, None, quota)
-    for _ in range(15):
-        await check()
+    check = await busy_on_a_quota(replicas.limiters[0], 15)
     asking = asyncio.ensure_future(check())  # the 16th asks for 8 units more
     await asyncio.sleep(0)  # its call is in the pipe's batch
     asking.cancel()  # the client hung up: Redis still runs the call
@@ -251,10 +252,7 @@ async def test_a_lease_taken_for_a_request_that_went_away_is_given_back(replicas
 
 async def test_closing_gives_back_a_quota_lease(replicas: Replicas) -> None:
     limiter = replicas.limiters[0]
-    quota = Quota(requests=100_000, period=QuotaPeriod.TOTAL)
-    check = checker(limiter, None, quota)
-    for _ in range(100):
-        await check()
+    await busy_on_a_quota(limiter, 100)
     assert await replicas.quota_used() > 100
 
     await limiter.close()
